@@ -1,0 +1,74 @@
+//! The admin bearer token that guards operator endpoints (certificates, API keys).
+//!
+//! Missing or malformed `Authorization: Bearer ...` answers 401; a wrong token 403.
+//! Tokens are compared in constant time, and never logged.
+
+use axum::http::{header, HeaderMap};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+/// The configured admin token. `Debug` never prints it.
+#[derive(Clone)]
+pub struct AdminToken(std::sync::Arc<str>);
+
+impl AdminToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(std::sync::Arc::from(token.into()))
+    }
+
+    /// Checks the request's bearer token: 401 when absent, 403 when wrong.
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("An admin bearer token is required."))?;
+        if bool::from(presented.as_bytes().ct_eq(self.0.as_bytes())) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("The admin token is not valid."))
+        }
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderValue, StatusCode};
+
+    fn headers(value: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(v) = value {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn missing_token_is_401_wrong_is_403_right_is_ok() {
+        let token = AdminToken::new("s3cret-token");
+        assert_eq!(
+            token.check(&headers(None)).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            token.check(&headers(Some("Basic abc"))).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            token.check(&headers(Some("Bearer nope"))).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        assert!(token.check(&headers(Some("Bearer s3cret-token"))).is_ok());
+        assert!(!format!("{token:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,228 @@
+//! NATS JetStream servers: one, or a real cluster, on free loopback ports.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::process::Server;
+use crate::{find_binary, free_port, http_get, wait_for_port, wait_for_port_closed};
+
+/// One `nats-server -js` with its own store directory. Killed on drop.
+///
+/// [`NatsServer::stop`] (or [`NatsServer::kill`]) and [`NatsServer::restart`] bring it on the same port with the
+/// same store, so a test can take it away and bring it back.
+#[derive(Debug)]
+pub struct NatsServer {
+    name: String,
+    port: u16,
+    monitor_port: u16,
+    cluster: Option<ClusterPorts>,
+    dir: TempDir,
+    server: Option<Server>,
+}
+
+#[derive(Debug, Clone)]
+struct ClusterPorts {
+    name: String,
+    port: u16,
+    routes: Vec<u16>,
+}
+
+impl NatsServer {
+    /// Starts a single JetStream server and waits until it is healthy.
+    pub async fn start() -> NatsServer {
+        let mut server = NatsServer::new("nats-single".into(), None);
+        server.restart().await;
+        server
+    }
+
+    fn new(name: String, cluster: Option<ClusterPorts>) -> NatsServer {
+        NatsServer {
+            name,
+            port: free_port(),
+            monitor_port: free_port(),
+            cluster,
+            dir: tempfile::Builder::new()
+                .prefix("argus-nats-")
+                .tempdir()
+                .expect("tempdir"),
+            server: None,
+        }
+    }
+
+    /// The client URL, `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The HTTP monitoring port (`/healthz`, `/jsz`, `/varz`).
+    pub fn monitor_port(&self) -> u16 {
+        self.monitor_port
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// (Re)starts the server on the same ports with the same store, and waits for it to
+    /// accept connections. A cluster node does not wait for JetStream health here: the
+    /// cluster waits for all its nodes together.
+    pub async fn restart(&mut self) {
+        if self.server.as_mut().is_some_and(Server::is_running) {
+            return;
+        }
+        self.spawn();
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(15)).await,
+            "nats-server {} did not open port {}:\n{}",
+            self.name,
+            self.port,
+            self.log_tail()
+        );
+        if self.cluster.is_none() {
+            self.wait_healthy(Duration::from_secs(15)).await;
+        }
+    }
+
+    fn spawn(&mut self) {
+        let store = self.dir.path().join("store");
+        let mut cmd = Command::new(find_binary("nats-server"));
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
+            .args(["-n", &self.name, "-js", "-sd"])
+            .arg(&store);
+        if let Some(cluster) = &self.cluster {
+            let routes: Vec<String> = cluster
+                .routes
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            cmd.args(["--cluster_name", &cluster.name])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", cluster.port)])
+                .args(["--routes", &routes.join(",")]);
+        }
+        self.server = Some(Server::spawn(cmd, self.dir.path().join("nats.log")));
+    }
+
+    /// Waits until `/healthz` answers 200 (JetStream ready).
+    pub async fn wait_healthy(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = http_get(self.monitor_port, "/healthz") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server {} not healthy after {timeout:?}:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the server gracefully (SIGTERM) and waits for its port to close.
+    pub async fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.terminate();
+        }
+        wait_for_port_closed(self.port, Duration::from_secs(10)).await;
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.kill();
+        }
+        wait_for_port_closed(self.port, Duration::from_secs(10)).await;
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.server.as_mut().is_some_and(Server::is_running)
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|s| s.log_tail(30))
+            .unwrap_or_else(|| {
+                std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+            })
+    }
+}
+
+/// A real JetStream cluster of `n` nodes on loopback.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` clustered JetStream servers and waits until every one is healthy
+    /// (the JetStream meta group has a leader).
+    pub async fn start(n: usize) -> NatsCluster {
+        assert!(n >= 1);
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let cluster_name = format!("argus-test-{}", cluster_ports[0]);
+        let mut nodes: Vec<NatsServer> = (0..n)
+            .map(|i| {
+                NatsServer::new(
+                    format!("node-{i}"),
+                    Some(ClusterPorts {
+                        name: cluster_name.clone(),
+                        port: cluster_ports[i],
+                        routes: cluster_ports
+                            .iter()
+                            .enumerate()
+                            .filter(|(j, _)| *j != i)
+                            .map(|(_, p)| *p)
+                            .collect(),
+                    }),
+                )
+            })
+            .collect();
+        for node in &mut nodes {
+            node.restart().await;
+        }
+        let cluster = NatsCluster { nodes };
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Waits until every running node reports JetStream healthy.
+    pub async fn wait_healthy(&self) {
+        for node in &self.nodes {
+            node.wait_healthy(Duration::from_secs(30)).await;
+        }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// The client URLs joined with commas, as `NATS_URLS` takes them.
+    pub fn urls_joined(&self) -> String {
+        self.urls().join(",")
+    }
+
+    pub fn node(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    pub fn nodes(&self) -> &[NatsServer] {
+        &self.nodes
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
