@@ -1,0 +1,2 @@
+-- 0003_device_certificates (down)
+DROP TABLE IF EXISTS device_certificates;
