@@ -65,7 +65,10 @@ mod tests {
             StatusCode::UNAUTHORIZED
         );
         assert_eq!(
-            token.check(&headers(Some("Bearer nope"))).unwrap_err().status,
+            token
+                .check(&headers(Some("Bearer nope")))
+                .unwrap_err()
+                .status,
             StatusCode::FORBIDDEN
         );
         assert!(token.check(&headers(Some("Bearer s3cret-token"))).is_ok());

@@ -1,0 +1,342 @@
+//! Command-line flags (each with an environment twin) and their validation.
+//!
+//! [`Cli`] is what clap parses; [`Cli::into_config`] checks it and returns a typed
+//! [`Config`]. Errors name the flag and never echo a secret (the admin token's value
+//! is hidden from `--help`, from `Debug` and from every error).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::admin::AdminToken;
+
+/// Shortest admin token accepted at start-up.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+/// The `argus-ingest-http` command line.
+#[derive(Clone, Parser)]
+#[command(
+    name = "argus-ingest-http",
+    version,
+    // A later flag wins over an earlier one (scripts can append overrides).
+    args_override_self = true,
+    about = "HTTP telemetry ingest with device API keys, and the device certificate API.",
+    long_about = None
+)]
+pub struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "ARGUS_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Postgres pool size (admin endpoints, key `last_used_at` updates, readiness).
+    #[arg(long, env = "ARGUS_HTTP_PG_POOL_SIZE", default_value_t = 4)]
+    pub pg_pool_size: usize,
+
+    /// NATS servers, comma-separated (`nats://h1:4222,nats://h2:4222`).
+    #[arg(
+        long,
+        env = "NATS_URLS",
+        value_delimiter = ',',
+        required = true,
+        hide_env_values = true
+    )]
+    pub nats_urls: Vec<String>,
+
+    /// Redis URL for the shared device and API-key cache and its invalidations.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Admin bearer token for operator endpoints (at least 16 characters). Never printed.
+    #[arg(long, env = "ARGUS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+
+    /// PKI directory (`argus-pki init --dir`) for the certificate API.
+    #[arg(long, env = "ARGUS_PKI_DIR")]
+    pub pki_dir: Option<PathBuf>,
+
+    /// CRL distribution point written into issued device certificates
+    /// (default: argus-pki's `DEFAULT_CRL_URL`).
+    #[arg(long, env = "ARGUS_HTTP_CRL_URL")]
+    pub crl_url: Option<String>,
+
+    /// Broker pid file: the broker gets SIGHUP after each CRL change (local stack's Mosquitto).
+    #[arg(long, env = "ARGUS_HTTP_BROKER_PID_FILE")]
+    pub broker_pid_file: Option<PathBuf>,
+
+    /// Largest accepted request body in bytes (larger: 413).
+    #[arg(long, env = "ARGUS_HTTP_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_limit: usize,
+
+    /// Most readings in one batch request.
+    #[arg(long, env = "ARGUS_HTTP_MAX_BATCH_READINGS", default_value_t = 1000)]
+    pub max_batch_readings: usize,
+
+    /// Requests per second allowed per device on average (0 disables the limit).
+    #[arg(long, env = "ARGUS_HTTP_RATE_LIMIT_PER_DEVICE", default_value_t = 50.0)]
+    pub rate_limit_per_device: f64,
+
+    /// Requests a device may send at once above its rate (token bucket size).
+    #[arg(long, env = "ARGUS_HTTP_RATE_LIMIT_BURST", default_value_t = 100)]
+    pub rate_limit_burst: u32,
+
+    /// Longest wait for a reading to be durable (Postgres commit + JetStream ack)
+    /// before answering 503, e.g. `5s`.
+    #[arg(long, env = "ARGUS_HTTP_DURABILITY_TIMEOUT", default_value = "5s")]
+    pub durability_timeout: String,
+
+    /// The sink writes a batch when it holds this many readings ...
+    #[arg(long, env = "ARGUS_HTTP_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+
+    /// ... or when its oldest reading is this old, e.g. `5ms`.
+    #[arg(long, env = "ARGUS_HTTP_BATCH_LINGER", default_value = "5ms")]
+    pub batch_linger: String,
+
+    /// On SIGTERM/SIGINT: how long to let in-flight requests finish and the sink drain.
+    #[arg(long, env = "ARGUS_HTTP_SHUTDOWN_TIMEOUT", default_value = "10s")]
+    pub shutdown_timeout: String,
+
+    /// Log lines as JSON instead of text. The level comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "ARGUS_HTTP_LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+}
+
+impl std::fmt::Debug for Cli {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cli")
+            .field("listen", &self.listen)
+            .field("nats_urls", &self.nats_urls)
+            .field("admin_token", &"..")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The validated configuration. Connection URLs may hold passwords, so `Debug` omits them.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub pg_pool_size: usize,
+    pub nats_urls: Vec<String>,
+    pub redis_url: Option<String>,
+    pub admin_token: AdminToken,
+    pub pki_dir: Option<PathBuf>,
+    pub crl_url: Option<String>,
+    pub broker_pid_file: Option<PathBuf>,
+    pub limits: Limits,
+    pub batch_size: usize,
+    pub batch_linger: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_json: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("pki_dir", &self.pki_dir)
+            .field("limits", &self.limits)
+            .field("batch_size", &self.batch_size)
+            .field("batch_linger", &self.batch_linger)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Request limits of the ingest endpoint.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub body_limit: usize,
+    pub max_batch_readings: usize,
+    pub rate_limit_per_device: f64,
+    pub rate_limit_burst: u32,
+    pub durability_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            body_limit: 1024 * 1024,
+            max_batch_readings: 1000,
+            rate_limit_per_device: 50.0,
+            rate_limit_burst: 100,
+            durability_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A flag with a value that cannot be used. The reason never contains a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+impl Cli {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("not a socket address: {e}")))?;
+        if self.database_url.trim().is_empty() {
+            return Err(invalid("database-url", "must not be empty"));
+        }
+        if self.pg_pool_size == 0 {
+            return Err(invalid("pg-pool-size", "must be at least 1"));
+        }
+        let nats_urls: Vec<String> = self
+            .nats_urls
+            .into_iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if nats_urls.is_empty() {
+            return Err(invalid("nats-urls", "needs at least one server"));
+        }
+        if self.admin_token.chars().count() < MIN_ADMIN_TOKEN_LEN {
+            return Err(invalid(
+                "admin-token",
+                format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters"),
+            ));
+        }
+        if self.body_limit == 0 {
+            return Err(invalid("body-limit", "must be at least 1"));
+        }
+        if self.max_batch_readings == 0 {
+            return Err(invalid("max-batch-readings", "must be at least 1"));
+        }
+        if !self.rate_limit_per_device.is_finite() || self.rate_limit_per_device < 0.0 {
+            return Err(invalid(
+                "rate-limit-per-device",
+                "must be a number >= 0 (0 disables)",
+            ));
+        }
+        if self.rate_limit_burst == 0 {
+            return Err(invalid("rate-limit-burst", "must be at least 1"));
+        }
+        let durability_timeout = parse_duration(&self.durability_timeout)
+            .map_err(|r| invalid("durability-timeout", r))?;
+        if durability_timeout.is_zero() {
+            return Err(invalid("durability-timeout", "must be more than 0"));
+        }
+        if self.batch_size == 0 {
+            return Err(invalid("batch-size", "must be at least 1"));
+        }
+        let batch_linger =
+            parse_duration(&self.batch_linger).map_err(|r| invalid("batch-linger", r))?;
+        let shutdown_timeout =
+            parse_duration(&self.shutdown_timeout).map_err(|r| invalid("shutdown-timeout", r))?;
+        Ok(Config {
+            listen,
+            database_url: self.database_url,
+            pg_pool_size: self.pg_pool_size,
+            nats_urls,
+            redis_url: self.redis_url.filter(|u| !u.trim().is_empty()),
+            admin_token: AdminToken::new(self.admin_token),
+            pki_dir: self.pki_dir,
+            crl_url: self.crl_url.filter(|u| !u.trim().is_empty()),
+            broker_pid_file: self.broker_pid_file,
+            limits: Limits {
+                body_limit: self.body_limit,
+                max_batch_readings: self.max_batch_readings,
+                rate_limit_per_device: self.rate_limit_per_device,
+                rate_limit_burst: self.rate_limit_burst,
+                durability_timeout,
+            },
+            batch_size: self.batch_size,
+            batch_linger,
+            shutdown_timeout,
+            log_json: self.log_json,
+        })
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`, `1500us`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 20ms, 5s or 1m"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" => value / 1e6,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "0123456789abcdef-secret";
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut args = vec![
+            "argus-ingest-http",
+            "--database-url",
+            "postgres://x@127.0.0.1/argus",
+            "--nats-urls",
+            "nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+            "--admin-token",
+            TOKEN,
+        ];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).expect("clap").into_config()
+    }
+
+    #[test]
+    fn defaults_are_usable() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.nats_urls.len(), 2);
+        assert_eq!(c.limits.body_limit, 1_048_576);
+        assert_eq!(c.limits.durability_timeout, Duration::from_secs(5));
+        assert_eq!(c.batch_linger, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn errors_name_the_flag_and_hide_the_token() {
+        let e = parse(&["--admin-token", "short-token"]).unwrap_err();
+        assert_eq!(e.flag, "admin-token");
+        assert!(!e.to_string().contains("short-token"));
+        assert_eq!(parse(&["--listen", "nope"]).unwrap_err().flag, "listen");
+        assert_eq!(
+            parse(&["--durability-timeout", "0s"]).unwrap_err().flag,
+            "durability-timeout"
+        );
+        assert_eq!(
+            parse(&["--rate-limit-per-device=-1"]).unwrap_err().flag,
+            "rate-limit-per-device"
+        );
+        let c = parse(&[]).unwrap();
+        assert!(!format!("{c:?}").contains(TOKEN));
+    }
+}

@@ -1,0 +1,95 @@
+//! The seam between HTTP and the bridge's batching sink ([`argus_bridge::sink`]).
+//!
+//! One request = one unit: its readings go to the sink together and are committed in
+//! one Postgres transaction (all or none), then published to JetStream with their
+//! message ids; the request waits for that, bounded by the durability timeout.
+//!
+//! The sink never gives up on an outage (it retries with backoff), so the bound is
+//! ours: if the unit is not durable within the timeout the request answers 503. The
+//! unit may still land later (it stays queued in the sink); a retry carries the same
+//! message ids and is stored once.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use argus_bridge::reading::Reading;
+use argus_bridge::sink::{Delivered, SinkHandle};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// Why a unit is not (known to be) durable.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// No confirmation within the durability timeout (Postgres or NATS down or slow,
+    /// or the sink's queue full). The unit may still land later.
+    #[error("no durability confirmation within {0:?}")]
+    Timeout(Duration),
+    /// The sink is shut down (or its task ended); the unit was not (known to be) stored.
+    #[error("sink closed")]
+    Closed,
+    /// Postgres refused some readings for a data reason; they are in the DLQ stream.
+    #[error("{} readings dead-lettered", .0.len())]
+    DeadLettered(Vec<Uuid>),
+}
+
+/// Handle to the sink and its task.
+#[derive(Debug)]
+pub struct Pipeline {
+    sink: SinkHandle,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Pipeline {
+    pub fn new(sink: SinkHandle, task: JoinHandle<()>) -> Self {
+        Self {
+            sink,
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    /// Sends one unit and waits until it is durable, at most `timeout` in all (the wait
+    /// for queue space included).
+    pub async fn submit(
+        &self,
+        unit: Vec<Reading>,
+        timeout: Duration,
+    ) -> Result<Delivered, SubmitError> {
+        let work = async {
+            let ticket = self
+                .sink
+                .enqueue(unit)
+                .await
+                .map_err(|_| SubmitError::Closed)?;
+            ticket.await.map_err(|_| SubmitError::Closed)
+        };
+        let delivered = tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| SubmitError::Timeout(timeout))??;
+        if delivered.dead_lettered.is_empty() {
+            Ok(delivered)
+        } else {
+            Err(SubmitError::DeadLettered(delivered.dead_lettered))
+        }
+    }
+
+    /// False while the sink's last attempt failed (for `/ready`).
+    pub fn is_healthy(&self) -> bool {
+        self.sink.is_healthy()
+    }
+
+    /// Stops intake, then waits up to `timeout` for the sink to flush what it holds.
+    pub async fn close(&self, timeout: Duration) {
+        self.sink.close();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(timeout, task).await.is_err() {
+                tracing::warn!(
+                    queued = self.sink.queued(),
+                    "The sink did not drain in time; pending requests were answered 503."
+                );
+                abort.abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The real binary: flags from the environment, serve, graceful SIGTERM; refuses a short
+//! admin token without printing it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use argus_testkit::nats::NatsServer;
+use argus_testkit::redis::RedisServer;
+use common::*;
+use reqwest::StatusCode;
+
+const BIN: &str = env!("CARGO_BIN_EXE_argus-ingest-http");
+
+#[test]
+fn refuses_a_short_admin_token_without_printing_it() {
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("DATABASE_URL", "postgres://x@127.0.0.1:1/none")
+        .env("NATS_URLS", "nats://127.0.0.1:1")
+        .env("ARGUS_ADMIN_TOKEN", "short-secret")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--admin-token"), "{stderr}");
+    assert!(!stderr.contains("short-secret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn serves_from_env_and_stops_gracefully_on_sigterm() {
+    let (db, nats, redis) = tokio::join!(
+        argus_testkit::pg::TestDb::create(),
+        NatsServer::start(),
+        RedisServer::start()
+    );
+    prepare_database(db.url()).await;
+    apply_streams(&nats.url()).await;
+    let port = argus_testkit::free_port();
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("DATABASE_URL", db.url())
+        .env("NATS_URLS", nats.url())
+        .env("REDIS_URL", redis.url())
+        .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("ARGUS_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        argus_testkit::wait_for_port(port, Duration::from_secs(20)).await,
+        "the binary did not listen"
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let resp = http
+        .post(format!("{base}/api/v1/devices/{DEVICE}/api-keys"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let key = resp.json::<serde_json::Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resp = http
+        .post(format!("{base}/api/v1/telemetry/ingest"))
+        .header("x-api-key", &key)
+        .json(&reading(DEVICE, 21.5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(row_count(&db.client().await).await, 1);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "exit status {exit}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!stderr.contains(ADMIN_TOKEN));
+    assert!(!stderr.contains(key.rsplit('_').next().unwrap()));
+    assert!(stderr.contains("Sink closed"), "{stderr}");
+}

@@ -1,0 +1,284 @@
+//! Test harness: real Postgres, NATS (JetStream) and Redis on free ports, and the real
+//! sidecar (`argus_ingest_http::serve`) in-process on 127.0.0.1:0, reached over HTTP.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use argus_ingest_http::admin::AdminToken;
+use argus_ingest_http::{AppState, Config, Limits};
+use argus_testkit::nats::NatsServer;
+use argus_testkit::redis::RedisServer;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const RAW_STREAM: &str = "TELEMETRY_RAW_V1";
+
+/// The fixed rows every test database gets.
+pub const TENANT: Uuid = Uuid::from_u128(0x0a00_0000_0000_4000_8000_0000_0000_0001);
+pub const DEVICE: Uuid = Uuid::from_u128(0x0d00_0000_0000_4000_8000_0000_0000_0001);
+pub const OTHER_DEVICE: Uuid = Uuid::from_u128(0x0d00_0000_0000_4000_8000_0000_0000_0002);
+pub const DISABLED_DEVICE: Uuid = Uuid::from_u128(0x0d00_0000_0000_4000_8000_0000_0000_0003);
+
+/// Migrates `url` and inserts one tenant and three devices (the third disabled).
+pub async fn prepare_database(url: &str) {
+    let mut client = argus_testkit::pg::connect(url).await;
+    argus_schema::migrate::migrate(&mut client)
+        .await
+        .expect("migrate");
+    client
+        .execute(
+            "INSERT INTO organizations (id, name, slug) VALUES ($1, 'Test', 'test')",
+            &[&TENANT],
+        )
+        .await
+        .unwrap();
+    for (id, status) in [
+        (DEVICE, "active"),
+        (OTHER_DEVICE, "active"),
+        (DISABLED_DEVICE, "disabled"),
+    ] {
+        client
+            .execute(
+                "INSERT INTO devices (id, tenant_id, name, status) VALUES ($1, $2, $3, $4)",
+                &[&id, &TENANT, &format!("dev-{id}"), &status],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+pub fn config(db_url: &str, nats_url: &str, redis_url: &str, limits: Limits) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: db_url.to_string(),
+        pg_pool_size: 4,
+        nats_urls: vec![nats_url.to_string()],
+        redis_url: Some(redis_url.to_string()),
+        admin_token: AdminToken::new(ADMIN_TOKEN),
+        pki_dir: None,
+        crl_url: None,
+        broker_pid_file: None,
+        limits,
+        batch_size: 100,
+        batch_linger: Duration::from_millis(2),
+        shutdown_timeout: Duration::from_secs(5),
+        log_json: false,
+    }
+}
+
+/// Limits for tests: no rate limit unless a test asks, short durability timeout.
+pub fn test_limits() -> Limits {
+    Limits {
+        body_limit: 64 * 1024,
+        max_batch_readings: 100,
+        rate_limit_per_device: 0.0,
+        rate_limit_burst: 1,
+        durability_timeout: Duration::from_secs(2),
+    }
+}
+
+/// One running sidecar.
+pub struct App {
+    pub base: String,
+    pub state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl App {
+    pub async fn start(config: Config) -> App {
+        let state = AppState::connect(config).await.expect("connect");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(argus_ingest_http::serve(listener, state.clone(), async {
+            let _ = rx.await;
+        }));
+        // The registry's invalidation listener must be subscribed before a test revokes.
+        assert!(
+            state
+                .registry()
+                .wait_subscribed(Duration::from_secs(10))
+                .await,
+            "registry did not subscribe to invalidations"
+        );
+        App {
+            base,
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Graceful shutdown: stop, drain, close the sink.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+/// Postgres (a fresh database), NATS with the streams, Redis, and one sidecar.
+pub struct Stack {
+    pub db: argus_testkit::pg::TestDb,
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub app: App,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Self::start_with(test_limits()).await
+    }
+
+    pub async fn start_with(limits: Limits) -> Stack {
+        let (db, nats, redis) = tokio::join!(
+            argus_testkit::pg::TestDb::create(),
+            NatsServer::start(),
+            RedisServer::start()
+        );
+        prepare_database(db.url()).await;
+        apply_streams(&nats.url()).await;
+        let app = App::start(config(db.url(), &nats.url(), &redis.url(), limits)).await;
+        Stack {
+            db,
+            nats,
+            redis,
+            app,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A second sidecar on the same stores (its own registry and caches, as a second
+    /// process would have).
+    pub async fn second_app(&self) -> App {
+        App::start(config(
+            self.db.url(),
+            &self.nats.url(),
+            &self.redis.url(),
+            test_limits(),
+        ))
+        .await
+    }
+
+    pub async fn pg(&self) -> tokio_postgres::Client {
+        self.db.client().await
+    }
+}
+
+pub async fn apply_streams(nats_url: &str) {
+    let client = async_nats::connect(nats_url).await.expect("nats connect");
+    argus_schema::streams::apply(&client, Some(1))
+        .await
+        .expect("apply streams");
+}
+
+pub async fn row_count(pg: &tokio_postgres::Client) -> i64 {
+    pg.query_one("SELECT count(*) FROM telemetry_raw", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+pub async fn stream_count(nats_url: &str) -> u64 {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(RAW_STREAM).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// The last message on `telemetry.raw.v1.<device>`: (Nats-Msg-Id, envelope).
+pub async fn last_stream_message(nats_url: &str, device: Uuid) -> (String, Value) {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(RAW_STREAM).await.unwrap();
+    let msg = stream
+        .get_last_raw_message_by_subject(&format!("telemetry.raw.v1.{device}"))
+        .await
+        .unwrap();
+    let id = msg
+        .headers
+        .get("Nats-Msg-Id")
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    (id, serde_json::from_slice(&msg.payload).unwrap())
+}
+
+/// Admin: creates a key for `device`; returns (key id, key).
+pub async fn create_key(http: &reqwest::Client, app: &App, device: Uuid) -> (Uuid, String) {
+    let resp = http
+        .post(app.url(&format!("/api/v1/devices/{device}/api-keys")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let body: Value = resp.json().await.unwrap();
+    (
+        body["id"].as_str().unwrap().parse().unwrap(),
+        body["key"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Admin: revokes a key.
+pub async fn revoke_key(http: &reqwest::Client, app: &App, device: Uuid, key_id: Uuid) {
+    let resp = http
+        .delete(app.url(&format!("/api/v1/devices/{device}/api-keys/{key_id}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+pub fn reading(device: Uuid, temp: f64) -> Value {
+    json!({
+        "deviceId": device,
+        "metrics": {"temperature": temp, "humidity": 60, "ok": true, "mode": "eco"},
+        "timestamp": "2026-01-28T12:00:00Z",
+    })
+}
+
+/// POST /api/v1/telemetry/ingest with a JSON body and optional key / idempotency key.
+pub async fn ingest(
+    http: &reqwest::Client,
+    app: &App,
+    key: Option<&str>,
+    body: &Value,
+    idempotency_key: Option<&str>,
+) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+    let mut req = http
+        .post(app.url("/api/v1/telemetry/ingest"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(body).unwrap());
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    if let Some(k) = idempotency_key {
+        req = req.header("idempotency-key", k);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.json().await.unwrap_or(Value::Null);
+    (status, body, headers)
+}
+
+/// Asserts the stable error body and returns its code.
+pub fn error_code(body: &Value) -> &str {
+    assert_eq!(body["success"], false, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    body["error"]["code"].as_str().unwrap()
+}
