@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use argus_pki::{Ca, RevocationReason, Subject};
 use argus_testkit::mosquitto::Mosquitto;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode, TlsConfiguration, Transport,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
@@ -18,9 +20,26 @@ fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
+/// Builds the subscribe-authorisation plugin (compose/mosquitto/argus_sub_acl.c) into `dir`,
+/// the way compose/up does it.
+fn build_sub_acl_plugin(dir: &Path) -> PathBuf {
+    let out = dir.join("argus_sub_acl.so");
+    let status = std::process::Command::new("cc")
+        .args([
+            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+        ])
+        .arg(&out)
+        .arg(repo_file("compose/mosquitto/argus_sub_acl.c"))
+        .status()
+        .expect("run cc (a C compiler is needed to build the Mosquitto plugin)");
+    assert!(status.success(), "building argus_sub_acl.so failed");
+    out
+}
+
 /// The template rendered the way compose/up does it; testkit fills `{port}` and `{dir}`.
 fn mosquitto_config(pki_dir: &Path) -> String {
-    std::fs::read_to_string(repo_file("compose/mosquitto/mosquitto.conf.in"))
+    let plugin = build_sub_acl_plugin(pki_dir);
+    let text = std::fs::read_to_string(repo_file("compose/mosquitto/mosquitto.conf.in"))
         .unwrap()
         .replace("@PORT@", "{port}")
         .replace("@PKI_DIR@", &pki_dir.display().to_string())
@@ -29,6 +48,12 @@ fn mosquitto_config(pki_dir: &Path) -> String {
             "@ACL_FILE@",
             &repo_file("compose/mosquitto/acl").display().to_string(),
         )
+        .replace("@SUB_ACL_PLUGIN@", &plugin.display().to_string());
+    assert!(
+        !text.contains("@SUB_") && !text.contains("@PORT@"),
+        "unreplaced placeholder"
+    );
+    text
 }
 
 struct Setup {
@@ -139,16 +164,37 @@ impl Conn {
         }
     }
 
-    async fn subscribe(&mut self, filter: &str) {
+    /// Subscribes at QoS 1; `true` if the SUBACK grants it, `false` if it refuses (0x80).
+    async fn try_subscribe(&mut self, filter: &str) -> bool {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .await
             .unwrap();
-        self.next_where(Duration::from_secs(5), |p| {
-            matches!(p, Packet::SubAck(_)).then_some(())
-        })
-        .await
-        .expect("SUBACK");
+        let codes = self
+            .next_where(Duration::from_secs(5), |p| match p {
+                Packet::SubAck(ack) => Some(ack.return_codes.clone()),
+                _ => None,
+            })
+            .await
+            .expect("SUBACK");
+        assert_eq!(codes.len(), 1);
+        matches!(codes[0], SubscribeReasonCode::Success(_))
+    }
+
+    /// Subscribes; the broker must grant it.
+    async fn subscribe(&mut self, filter: &str) {
+        assert!(
+            self.try_subscribe(filter).await,
+            "SUBSCRIBE {filter} refused"
+        );
+    }
+
+    /// Subscribes; the broker must refuse it.
+    async fn subscribe_refused(&mut self, filter: &str) {
+        assert!(
+            !self.try_subscribe(filter).await,
+            "SUBSCRIBE {filter} granted"
+        );
     }
 
     /// Publishes at QoS 1 and waits for the PUBACK (Mosquitto acks even what its ACL drops).
@@ -221,7 +267,7 @@ fn telemetry(id: Uuid) -> String {
 #[tokio::test]
 async fn device_certificate_publishes_with_rumqttc_and_mosquitto_pub() {
     let s = setup().await;
-    let mut bridge = connect_as(&s, &Subject::bridge("bridge-0").unwrap(), "bridge-0-0").await;
+    let mut bridge = connect_as(&s, &Subject::bridge("bridge-0-0").unwrap(), "bridge-0-0").await;
     bridge.subscribe("$share/bridge/devices/+/telemetry").await;
 
     let device = Uuid::new_v4();
@@ -360,52 +406,196 @@ async fn revoked_certificate_is_refused_after_crl_reload() {
 #[tokio::test]
 async fn acl_confines_devices_and_bridges() {
     let s = setup().await;
-    let mut bridge = connect_as(&s, &Subject::bridge("bridge-0").unwrap(), "bridge-0-0").await;
+    let mut bridge = connect_as(&s, &Subject::bridge("bridge-0-0").unwrap(), "bridge-0-0").await;
     bridge.subscribe("devices/+/telemetry").await;
+    // A bridge identity gets only the filters the plugin lists.
+    bridge.subscribe_refused("#").await;
 
     let a = Uuid::new_v4();
     let b = Uuid::new_v4();
-    let mut dev_a = connect_as(&s, &Subject::Device(a), "dev-a").await;
-    let mut dev_b = connect_as(&s, &Subject::Device(b), "dev-b").await;
-    // B tries to read A's telemetry, directly and through the bridge's share group.
-    dev_b.subscribe(&telemetry(a)).await;
-    dev_b.subscribe("devices/+/telemetry").await;
-    dev_b.subscribe("$share/spy/devices/+/telemetry").await;
-
     // A impersonates B: dropped. A bridge certificate publishes device telemetry: dropped.
     // (Mosquitto 2.0.11 PUBACKs a denied publish, then closes the connection.)
     let mut forger = connect_as(&s, &Subject::Device(a), "dev-a-forger").await;
     forger.publish_denied(&telemetry(b), "forged-by-a").await;
-    let mut br1 = connect_as(&s, &Subject::bridge("bridge-1").unwrap(), "bridge-1-0").await;
+    let mut br1 = connect_as(&s, &Subject::bridge("bridge-1-0").unwrap(), "bridge-1-0").await;
     br1.publish_denied(&telemetry(a), "forged-by-bridge").await;
     // A's own telemetry goes through (and marks the end: per-client order is kept).
+    // (Connected after the forger: the client id is the CN, so one session per certificate.)
+    let mut dev_a = connect_as(&s, &Subject::Device(a), "dev-a").await;
     dev_a.publish(&telemetry(a), "genuine").await;
 
     let got = bridge.received(Duration::from_secs(2)).await;
     assert_eq!(got, vec![(telemetry(a), "genuine".to_string())]);
+}
+
+/// Security case (issue 8): a device cannot subscribe to other devices' telemetry, nor to
+/// anything else. Mosquitto's acl_file would grant these; the argus_sub_acl plugin refuses.
+#[tokio::test]
+async fn device_cannot_subscribe_to_other_devices_telemetry() {
+    let s = setup().await;
+    let a = Uuid::new_v4();
+    let b = Uuid::new_v4();
+    let mut dev_b = connect_as(&s, &Subject::Device(b), "dev-b").await;
+    for filter in [
+        telemetry(a),
+        "devices/+/telemetry".to_string(),
+        "#".to_string(),
+        "$share/spy/devices/+/telemetry".to_string(),
+        "$SYS/#".to_string(),
+        // Not even its own topic: devices only publish.
+        telemetry(b),
+    ] {
+        dev_b.subscribe_refused(&filter).await;
+    }
+    let mut dev_a = connect_as(&s, &Subject::Device(a), "dev-a").await;
+    dev_a.publish(&telemetry(a), "private").await;
     assert!(
-        dev_b.received(Duration::from_millis(300)).await.is_empty(),
+        dev_b.received(Duration::from_millis(500)).await.is_empty(),
         "device B received another device's telemetry"
+    );
+    assert!(
+        s.mq.log_tail().contains("argus_sub_acl: denied SUBSCRIBE"),
+        "no denial logged:\n{}",
+        s.mq.log_tail()
     );
 }
 
-/// Known limitation of Mosquitto 2.0's acl_file (not of EMQX): SUBSCRIBE is not authorised,
-/// only delivery is. A device that joins `$share/bridge/...` is given its round-robin share,
-/// which the read ACL then drops: about half the messages never reach the bridge.
-/// Kept as a demonstration (`cargo nextest run -p argus-pki --run-ignored all`).
+/// Security case (issue 8): a device cannot join the bridge's share group, so no message is
+/// diverted: the bridge receives all of them. Also after a SIGHUP (the acl_file is reloaded
+/// and must not take precedence over the plugin).
 #[tokio::test]
-#[ignore = "demonstrates a Mosquitto acl_file limitation (docs/pki.md)"]
-async fn device_joining_the_share_group_diverts_messages_on_mosquitto() {
+async fn device_cannot_join_the_share_group() {
+    const N: usize = 20;
     let s = setup().await;
-    let mut bridge = connect_as(&s, &Subject::bridge("bridge-0").unwrap(), "bridge-0-0").await;
+    let mut bridge = connect_as(&s, &Subject::bridge("bridge-0-0").unwrap(), "bridge-0-0").await;
     bridge.subscribe("$share/bridge/devices/+/telemetry").await;
+    // A second bridge connection is a legitimate member of the group.
+    let mut bridge1 = connect_as(&s, &Subject::bridge("bridge-0-1").unwrap(), "bridge-0-1").await;
+    bridge1.subscribe("$share/bridge/devices/+/telemetry").await;
+
     let a = Uuid::new_v4();
-    let mut dev_a = connect_as(&s, &Subject::Device(a), "dev-a").await;
     let mut dev_b = connect_as(&s, &Subject::Device(Uuid::new_v4()), "dev-b").await;
-    dev_b.subscribe("$share/bridge/devices/+/telemetry").await;
-    for i in 0..10 {
+    dev_b
+        .subscribe_refused("$share/bridge/devices/+/telemetry")
+        .await;
+    s.mq.reload();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut dev_c = connect_as(&s, &Subject::Device(Uuid::new_v4()), "dev-c").await;
+    dev_c
+        .subscribe_refused("$share/bridge/devices/+/telemetry")
+        .await;
+
+    let mut dev_a = connect_as(&s, &Subject::Device(a), "dev-a").await;
+    for i in 0..N {
         dev_a.publish(&telemetry(a), &i.to_string()).await;
     }
-    let got = bridge.received(Duration::from_secs(2)).await;
-    assert_eq!(got.len(), 10, "the bridge got {} of 10", got.len());
+    let (got0, got1) = tokio::join!(
+        bridge.received(Duration::from_secs(2)),
+        bridge1.received(Duration::from_secs(2))
+    );
+    let mut all: Vec<usize> = got0
+        .iter()
+        .chain(&got1)
+        .map(|(_, p)| p.parse().unwrap())
+        .collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..N).collect::<Vec<_>>(),
+        "the bridge connections got {} + {} of {N}",
+        got0.len(),
+        got1.len()
+    );
+    assert!(
+        !got0.is_empty() && !got1.is_empty(),
+        "round robin over both"
+    );
+    assert!(dev_b.received(Duration::from_millis(100)).await.is_empty());
+    assert!(dev_c.received(Duration::from_millis(100)).await.is_empty());
+}
+
+/// Security case: the client id is the certificate's CN (use_username_as_clientid), so a
+/// device (or another bridge connection) asking for `bridge-0-0` neither takes over nor kicks
+/// the bridge's session.
+#[tokio::test]
+async fn client_cannot_take_a_bridge_client_id() {
+    let s = setup().await;
+    let mut bridge = connect_as(&s, &Subject::bridge("bridge-0-0").unwrap(), "bridge-0-0").await;
+    bridge.subscribe("$share/bridge/devices/+/telemetry").await;
+
+    let a = Uuid::new_v4();
+    let mut thief = connect_as(&s, &Subject::Device(a), "bridge-0-0").await;
+    // As a device it still cannot subscribe to the group (its identity is its CN) ...
+    thief
+        .subscribe_refused("$share/bridge/devices/+/telemetry")
+        .await;
+    // ... and what it publishes is checked against its CN: only its own topic goes through.
+    thief.publish(&telemetry(a), "from-thief").await;
+    let mut other_bridge =
+        connect_as(&s, &Subject::bridge("bridge-1-0").unwrap(), "bridge-0-0").await;
+    other_bridge
+        .subscribe("$share/bridge/devices/+/telemetry")
+        .await;
+
+    // The original bridge connection is still up and still gets messages: if it had been
+    // kicked, its event loop would have ended and it would receive nothing.
+    let dev_id = Uuid::new_v4();
+    let mut dev = connect_as(&s, &Subject::Device(dev_id), "dev").await;
+    for i in 0..10 {
+        dev.publish(&telemetry(dev_id), &i.to_string()).await;
+    }
+    let (got0, got1) = tokio::join!(
+        bridge.received(Duration::from_secs(2)),
+        other_bridge.received(Duration::from_secs(2))
+    );
+    assert_eq!(
+        got0.len() + got1.len(),
+        11,
+        "bridge-0-0 got {got0:?}, bridge-1-0 got {got1:?}"
+    );
+    assert!(!got0.is_empty(), "bridge-0-0 was kicked");
+
+    // The broker log names each session by its CN, never the requested id.
+    let log = std::fs::read_to_string(s.mq.dir().join("mosquitto.log")).unwrap();
+    assert_eq!(
+        log.matches(" as bridge-0-0 ").count(),
+        1,
+        "bridge-0-0 connected more than once:\n{log}"
+    );
+    assert!(log.contains(&format!(" as {a} ")), "{log}");
+    assert!(log.contains(" as bridge-1-0 "), "{log}");
+}
+
+/// EMQX cannot run here: check that its config keeps the same guarantees (client id = CN;
+/// devices may not subscribe at all; bridges may subscribe to the share group; deny by default).
+#[test]
+fn emqx_config_is_equivalent() {
+    let conf = std::fs::read_to_string(repo_file("compose/emqx/emqx.conf")).unwrap();
+    let acl = std::fs::read_to_string(repo_file("compose/emqx/acl.conf")).unwrap();
+    for line in [
+        "peer_cert_as_clientid = cn",
+        "peer_cert_as_username = cn",
+        "no_match = deny",
+        "verify = verify_peer",
+        "fail_if_no_peer_cert = true",
+    ] {
+        assert!(conf.contains(line), "emqx.conf lacks {line:?}");
+    }
+    let rules: Vec<&str> = acl
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .collect();
+    // The only subscribe grant is for bridge identities, and the list ends with deny all.
+    let subscribe_grants: Vec<&&str> = rules
+        .iter()
+        .filter(|r| r.starts_with("{allow") && (r.contains("subscribe") || r.contains(", all,")))
+        .filter(|r| !r.contains(", publish,"))
+        .collect();
+    assert_eq!(subscribe_grants.len(), 1, "{subscribe_grants:?}");
+    assert!(subscribe_grants[0].contains(r#"{username, {re, "^bridge-"#));
+    assert!(acl.contains(r#""$share/bridge/devices/+/telemetry""#));
+    assert_eq!(rules.last(), Some(&"{deny, all}."));
+    // The device rule grants publish only.
+    assert!(acl.contains(r#"{allow, all, publish, ["devices/${username}/telemetry"]}."#));
 }
