@@ -81,7 +81,7 @@ impl AppState {
         let pool = pg_pool(&config.database_url, config.pg_pool_size)?;
         let nats = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
-            .connect(config.nats_urls.join(","))
+            .connect(config.nats_urls.clone())
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
         let registry = Registry::start(

@@ -1,0 +1,327 @@
+//! The bridge process, wired together: `MqttSource → Pipeline → Sink`, plus the
+//! operations server. The binary calls [`run`]; tests call [`start`] to run a
+//! bridge in-process and stop it through the returned [`Running`].
+//!
+//! ```text
+//! source (N connections) ──admit──> Pipeline: reading::check → Registry → SinkHandle::enqueue → Ticket
+//!                                            '─ reject ─> DlqPublisher (then ack)
+//! ```
+//!
+//! Shutdown, in two stages: cancelling the token marks the process draining
+//! (`/health` 503), stops intake on every connection, lets the admitted
+//! messages become durable and be acknowledged, disconnects, then closes and
+//! flushes the sink. All of that within `--shutdown-timeout`; past it the
+//! process stops anyway and the broker redelivers whatever was not
+//! acknowledged.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::FutureExt as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::dlq::{DeadLetter, DlqPublisher};
+use crate::reading::{self, Limits, Reading, Reject, Source};
+use crate::registry::{Registry, RegistryConfig};
+use crate::server::{self, Check, ServerState, Status};
+use crate::sink::{Sink, SinkConfig, SinkHandle};
+use crate::source::{self, Backoff, Durable, Handler, Message, NotDurable};
+
+/// The pipeline between the source and the sink: checks, registry, DLQ.
+pub struct Pipeline {
+    pub sink: SinkHandle,
+    pub registry: Registry,
+    pub dlq: DlqPublisher,
+    pub limits: Limits,
+}
+
+impl Pipeline {
+    /// Writes a dead letter in the background, retrying until it is
+    /// acknowledged; the returned future completes then (the message may then
+    /// be acknowledged). It never completes with success otherwise.
+    fn dead_letter(&self, reject: Reject, msg: Message) -> Durable {
+        crate::metrics::rejected(reject.reason);
+        let letter = DeadLetter::new(
+            reject,
+            Some(msg.topic),
+            Some(msg.client_id.to_string()),
+            msg.received_at,
+            msg.payload,
+        );
+        let dlq = self.dlq.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_secs(5));
+            loop {
+                match dlq.publish(letter.clone()).await {
+                    Ok(()) => return,
+                    // DlqPublisher logs and counts the failure.
+                    Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+                }
+            }
+        });
+        Box::pin(task.map(|r| r.map_err(|e| NotDurable(format!("dead letter task: {e}")))))
+    }
+}
+
+impl Handler for Pipeline {
+    async fn admit(&self, msg: Message) -> Durable {
+        let checked = match reading::check(&msg.topic, &msg.payload, &self.limits) {
+            Ok(c) => c,
+            Err(reject) => return self.dead_letter(reject, msg),
+        };
+        // The registry retries nothing itself: while Postgres is unreachable
+        // (and the device is in no cache) wait here, which backs up this
+        // connection and, through the broker's inflight window, the broker.
+        let mut backoff = Backoff::new(Duration::from_secs(5));
+        let device = loop {
+            match self.registry.device(checked.device_id).await {
+                Ok(d) => break d,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(device_id = %checked.device_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Device look-up failed; retrying.");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        let tenant_id = match device {
+            None => return self.dead_letter(Reject::unknown_device(checked.device_id), msg),
+            Some(d) if !d.is_active() => {
+                return self.dead_letter(
+                    Reject::disabled_device(checked.device_id, d.status.as_str()),
+                    msg,
+                )
+            }
+            Some(d) => d.tenant_id,
+        };
+        let reading = Reading::from_checked(
+            checked,
+            tenant_id,
+            msg.payload,
+            msg.received_at,
+            Source::Mqtt,
+            Some(msg.topic),
+            Some(msg.client_id.to_string()),
+        );
+        // Waits while the sink is full: backpressure (see `source`).
+        match self.sink.enqueue(vec![reading]).await {
+            Ok(ticket) => Box::pin(
+                ticket.map(|r| r.map(|_| ()).map_err(|e| NotDurable(format!("sink: {e}")))),
+            ),
+            Err(e) => Box::pin(futures::future::ready(Err(NotDurable(format!(
+                "sink: {e}"
+            ))))),
+        }
+    }
+}
+
+/// A bridge running in this process.
+pub struct Running {
+    /// The address the operations server bound (useful with port 0).
+    pub metrics_addr: SocketAddr,
+    /// Cancel to begin a graceful shutdown.
+    pub shutdown: CancellationToken,
+    /// Ends when the bridge has stopped.
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Runs the bridge until `shutdown` completes, then drains and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    let token = running.shutdown.clone();
+    let mut task = running.task;
+    tokio::select! {
+        r = &mut task => return r.context("bridge task")?,
+        () = shutdown => token.cancel(),
+    }
+    task.await.context("bridge task")?
+}
+
+/// Connects what must be connected up front (TLS files, the HTTP port), starts
+/// every task and returns. Postgres, NATS and the broker need not be up: each
+/// part retries until they are.
+pub async fn start(mut config: Config) -> anyhow::Result<Running> {
+    // `--replica auto`: the slot decides the client ids and certificate files.
+    let lease = match config.replica_auto {
+        Some(max) => {
+            let lease = crate::lease::lease_slot(&config.database_url, max).await?;
+            config.mqtt.replica = lease.slot;
+            Some(lease)
+        }
+        None => None,
+    };
+    // Read the certificates first: a bad file is a configuration error, reported now.
+    let tls = source::tls_configs(&config.mqtt).context("MQTT TLS configuration")?;
+
+    let prometheus = server::prometheus_handle();
+    crate::metrics::describe();
+
+    let pool = pg_pool(&config.database_url, config.pg_pool_size)?;
+    let nats = async_nats::ConnectOptions::new()
+        .name(format!("argus-bridge-{}", config.mqtt.replica))
+        // Start even when NATS is down; the sink retries until it is back.
+        .retry_on_initial_connect()
+        .connect(config.nats_urls.clone())
+        .await
+        .context("--nats-urls")?;
+    let js = async_nats::jetstream::new(nats.clone());
+
+    let sink_config = SinkConfig {
+        batch_size: config.batch_size,
+        batch_linger: config.batch_linger,
+        // Every connection can have a full broker window admitted at once.
+        queue_capacity: (config.mqtt.max_inflight * config.mqtt.connections as usize)
+            .max(config.batch_size * 2),
+        ..SinkConfig::default()
+    };
+    let (sink, sink_task) = Sink::start(sink_config, pool.clone(), js.clone());
+    let registry = Registry::start(
+        RegistryConfig {
+            redis_url: config.redis_url.clone(),
+            ..RegistryConfig::default()
+        },
+        pool.clone(),
+    )
+    .context("--redis-url")?;
+    let pipeline = Arc::new(Pipeline {
+        sink: sink.clone(),
+        registry,
+        dlq: DlqPublisher::new(js),
+        limits: Limits {
+            max_payload_bytes: config.max_payload_bytes,
+        },
+    });
+
+    let status = Status::default();
+    let shutdown = CancellationToken::new();
+    let server_stop = CancellationToken::new();
+    let checks = readiness_checks(pool, nats, sink.clone());
+    let (metrics_addr, server_task) = server::serve(
+        config.metrics_addr,
+        ServerState {
+            status: status.clone(),
+            checks,
+            metrics: prometheus,
+        },
+        server_stop.clone().cancelled_owned(),
+    )
+    .await
+    .with_context(|| format!("--metrics-addr {}", config.metrics_addr))?;
+    info!(%metrics_addr, replica = config.mqtt.replica, connections = config.mqtt.connections, subscription = %config.mqtt.subscription(), "Bridge started.");
+
+    let source_task = tokio::spawn(source::run(
+        config.mqtt.clone(),
+        tls,
+        pipeline,
+        status.clone(),
+        shutdown.clone(),
+    ));
+
+    let token = shutdown.clone();
+    let timeout = config.shutdown_timeout;
+    let task = tokio::spawn(async move {
+        match &lease {
+            // A lost lease means another replica may take this slot: stop, so two
+            // processes never hold the same client ids.
+            Some(lease) => tokio::select! {
+                () = token.cancelled() => {}
+                () = lease.lost.cancelled() => token.cancel(),
+            },
+            None => token.cancelled().await,
+        }
+        status.set_draining();
+        info!(
+            timeout_ms = timeout.as_millis() as u64,
+            "Shutting down: draining."
+        );
+        let drain = async {
+            // Stage 1: every connection stops intake, acknowledges what
+            // becomes durable, disconnects.
+            let _ = source_task.await;
+            // Stage 2: nothing more comes in; flush whatever the sink holds.
+            sink.close();
+            let _ = sink_task.await;
+        };
+        let clean = tokio::time::timeout(timeout, drain).await.is_ok();
+        server_stop.cancel();
+        let _ = server_task.await;
+        let lost = lease.as_ref().is_some_and(|l| l.lost.is_cancelled());
+        drop(lease);
+        if lost {
+            anyhow::bail!("the replica slot lease was lost");
+        }
+        if clean {
+            info!("Bridge stopped cleanly.");
+            Ok(())
+        } else {
+            warn!("Shutdown timeout reached; unacknowledged messages will be redelivered by the broker.");
+            Ok(())
+        }
+    });
+
+    Ok(Running {
+        metrics_addr,
+        shutdown,
+        task,
+    })
+}
+
+fn pg_pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
+    let pg_config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| anyhow::anyhow!("invalid --database-url: {e}"))?;
+    let manager = deadpool_postgres::Manager::from_config(
+        pg_config,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(5)))
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .build()
+        .context("--pg-pool-size")
+}
+
+fn readiness_checks(
+    pool: deadpool_postgres::Pool,
+    nats: async_nats::Client,
+    sink: SinkHandle,
+) -> Vec<(&'static str, Check)> {
+    let postgres: Check = Arc::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    });
+    let nats: Check = Arc::new(move || {
+        let state = nats.connection_state();
+        Box::pin(async move {
+            match state {
+                async_nats::connection::State::Connected => Ok(()),
+                other => Err(format!("{other}")),
+            }
+        })
+    });
+    let sink: Check = Arc::new(move || {
+        let r = match sink.last_error() {
+            Some(e) if !sink.is_healthy() => Err(e),
+            _ => Ok(()),
+        };
+        Box::pin(futures::future::ready(r))
+    });
+    vec![("postgres", postgres), ("nats", nats), ("sink", sink)]
+}

@@ -1,0 +1,547 @@
+//! Command-line flags (each with an environment twin) and their validation.
+//!
+//! [`Cli`] is what clap parses; [`Cli::into_config`] checks it and returns a
+//! [`Config`] whose fields are already typed (durations, socket addresses, the
+//! broker address split into scheme, host and port). Validation errors name the
+//! flag, never panic.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// The `argus-bridge` command line. Every flag has an `env` twin.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "argus-bridge",
+    version,
+    about = "MQTT shared subscriber: stores device telemetry once in Postgres, publishes it once to JetStream, then acknowledges the broker.",
+    long_about = None,
+    // A flag given twice (or on top of its env twin) takes the last value.
+    args_override_self = true
+)]
+pub struct Cli {
+    /// Broker address: `mqtts://host:port` (mutual TLS) or `mqtt://host:port` (plain, tests only).
+    #[arg(long, env = "MQTT_URL", default_value = "mqtts://127.0.0.1:8883")]
+    pub mqtt_url: String,
+
+    /// PEM file with the CA that signed the broker's certificate (required for mqtts://).
+    #[arg(long, env = "MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+
+    /// PEM file with the client certificate (chain). `{replica}` and `{connection}` are
+    /// replaced per connection, e.g. `bridges/bridge-{replica}-{connection}.crt`: a broker that
+    /// takes the client id from the certificate's CN (our Mosquitto, EMQX `peer_cert_as_clientid`)
+    /// needs one certificate per connection, CN = `bridge-<replica>-<connection>`.
+    #[arg(long, env = "MQTT_CERT_FILE")]
+    pub mqtt_cert_file: Option<PathBuf>,
+
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1); same placeholders as the certificate.
+    #[arg(long, env = "MQTT_KEY_FILE")]
+    pub mqtt_key_file: Option<PathBuf>,
+
+    /// Replica slot of this process: a number, or `auto` to lease the lowest free slot
+    /// below `--max-replicas` through a Postgres advisory lock (for orchestrators that
+    /// cannot number replicas, e.g. `docker compose --scale`). MQTT client ids are
+    /// `bridge-<replica>-<connection>`; a restarted replica must get its slot back to
+    /// resume its persistent sessions.
+    #[arg(long, env = "ARGUS_BRIDGE_REPLICA", default_value = "0")]
+    pub replica: String,
+
+    /// With `--replica auto`: how many slots exist (the broker ACL and the bridge
+    /// certificates must cover them all).
+    #[arg(long, env = "ARGUS_BRIDGE_MAX_REPLICAS", default_value_t = 8)]
+    pub max_replicas: u32,
+
+    /// MQTT connections per process, each a member of the shared subscription with its own
+    /// broker inflight window.
+    #[arg(long, env = "ARGUS_BRIDGE_CONNECTIONS", default_value_t = 2)]
+    pub connections: u16,
+
+    /// Shared-subscription group: the subscription is `$share/<group>/<filter>`.
+    #[arg(long, env = "ARGUS_BRIDGE_SHARE_GROUP", default_value = "bridge")]
+    pub share_group: String,
+
+    /// Topic filter inside the shared subscription.
+    #[arg(
+        long,
+        env = "ARGUS_BRIDGE_TOPIC_FILTER",
+        default_value = "devices/+/telemetry"
+    )]
+    pub topic_filter: String,
+
+    /// Upper bound of unacknowledged messages the broker may have in flight on one connection
+    /// (Mosquitto `max_inflight_messages`, EMQX `max_inflight`). Sizes the per-connection queues
+    /// and the MQTT request channel; keep it at least the broker's value.
+    #[arg(long, env = "ARGUS_BRIDGE_MAX_INFLIGHT", default_value_t = 1000)]
+    pub max_inflight: usize,
+
+    /// MQTT keep-alive interval, e.g. `30s`.
+    #[arg(long, env = "ARGUS_BRIDGE_KEEP_ALIVE", default_value = "30s")]
+    pub keep_alive: String,
+
+    /// Longest wait between reconnect attempts (backoff doubles from 100ms up to this, with jitter).
+    #[arg(long, env = "ARGUS_BRIDGE_RECONNECT_MAX", default_value = "5s")]
+    pub reconnect_max: String,
+
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Postgres connection pool size.
+    #[arg(long, env = "ARGUS_BRIDGE_PG_POOL_SIZE", default_value_t = 8)]
+    pub pg_pool_size: usize,
+
+    /// NATS servers, comma-separated (`nats://h1:4222,nats://h2:4222`).
+    #[arg(
+        long,
+        env = "NATS_URLS",
+        hide_env_values = true,
+        value_delimiter = ',',
+        required = true
+    )]
+    pub nats_urls: Vec<String>,
+
+    /// Redis URL for the shared device cache (optional: without it the bridge caches in memory
+    /// and falls back to Postgres).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// A batch is written when it holds this many messages ...
+    #[arg(long, env = "ARGUS_BRIDGE_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+
+    /// ... or when its oldest message is this old, e.g. `20ms`.
+    #[arg(long, env = "ARGUS_BRIDGE_BATCH_LINGER", default_value = "20ms")]
+    pub batch_linger: String,
+
+    /// Largest accepted payload in bytes; larger ones go to the DLQ as `oversize`.
+    #[arg(long, env = "ARGUS_BRIDGE_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Address of the HTTP server for `/health`, `/ready` and `/metrics`.
+    #[arg(
+        long,
+        env = "ARGUS_BRIDGE_METRICS_ADDR",
+        default_value = "127.0.0.1:9101"
+    )]
+    pub metrics_addr: String,
+
+    /// On SIGTERM/SIGINT: how long to drain (flush, acknowledge, disconnect) before exiting hard.
+    #[arg(long, env = "ARGUS_BRIDGE_SHUTDOWN_TIMEOUT", default_value = "10s")]
+    pub shutdown_timeout: String,
+
+    /// Log format on stderr. The level comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "ARGUS_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Transport security towards the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttScheme {
+    /// `mqtt://`: plain TCP (tests, never production).
+    Plain,
+    /// `mqtts://`: TLS, with a client certificate when one is configured.
+    Tls,
+}
+
+/// The broker address, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttAddr {
+    pub scheme: MqttScheme,
+    pub host: String,
+    pub port: u16,
+}
+
+/// The client certificate and key files (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl ClientIdentity {
+    /// The files of connection `conn` of replica `replica`: `{replica}` and
+    /// `{connection}` in the paths are replaced.
+    pub fn for_connection(&self, replica: u32, conn: u16) -> ClientIdentity {
+        let expand = |p: &PathBuf| {
+            PathBuf::from(
+                p.to_string_lossy()
+                    .replace("{replica}", &replica.to_string())
+                    .replace("{connection}", &conn.to_string()),
+            )
+        };
+        ClientIdentity {
+            cert_file: expand(&self.cert_file),
+            key_file: expand(&self.key_file),
+        }
+    }
+}
+
+/// Everything the MQTT source needs.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub addr: MqttAddr,
+    pub ca_file: Option<PathBuf>,
+    pub identity: Option<ClientIdentity>,
+    pub replica: u32,
+    pub connections: u16,
+    pub share_group: String,
+    pub topic_filter: String,
+    pub max_inflight: usize,
+    pub keep_alive: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl MqttConfig {
+    /// `$share/<group>/<filter>`.
+    pub fn subscription(&self) -> String {
+        format!("$share/{}/{}", self.share_group, self.topic_filter)
+    }
+
+    /// The stable client id of connection `conn` of this replica: `bridge-<replica>-<conn>`.
+    pub fn client_id(&self, conn: u16) -> String {
+        format!("bridge-{}-{}", self.replica, conn)
+    }
+}
+
+/// The validated configuration of one bridge process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub database_url: String,
+    pub pg_pool_size: usize,
+    pub nats_urls: Vec<String>,
+    pub redis_url: Option<String>,
+    pub batch_size: usize,
+    pub batch_linger: Duration,
+    pub max_payload_bytes: usize,
+    pub metrics_addr: SocketAddr,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+    /// `--replica auto`: lease a slot below this many at start-up; `mqtt.replica` is
+    /// then set from the lease.
+    pub replica_auto: Option<u32>,
+}
+
+/// A flag with a value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag}: {reason}")]
+pub struct ConfigError {
+    /// The flag's long name, without dashes.
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+impl Cli {
+    /// Checks every flag and converts it to its typed form.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let addr = parse_mqtt_url(&self.mqtt_url).map_err(|r| invalid("mqtt-url", r))?;
+        let identity = match (self.mqtt_cert_file, self.mqtt_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(ClientIdentity {
+                cert_file,
+                key_file,
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "mqtt-key-file",
+                    "required when --mqtt-cert-file is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "mqtt-cert-file",
+                    "required when --mqtt-key-file is set",
+                ))
+            }
+        };
+        if addr.scheme == MqttScheme::Tls && self.mqtt_ca_file.is_none() {
+            return Err(invalid("mqtt-ca-file", "required for an mqtts:// broker"));
+        }
+        if addr.scheme == MqttScheme::Plain && identity.is_some() {
+            return Err(invalid(
+                "mqtt-cert-file",
+                "a client certificate needs an mqtts:// broker",
+            ));
+        }
+        if self.connections == 0 {
+            return Err(invalid("connections", "must be at least 1"));
+        }
+        if self.share_group.is_empty() || self.share_group.contains(['/', '+', '#']) {
+            return Err(invalid(
+                "share-group",
+                "must be non-empty and contain no '/', '+' or '#'",
+            ));
+        }
+        if self.topic_filter.is_empty() || self.topic_filter.starts_with('$') {
+            return Err(invalid(
+                "topic-filter",
+                "must be non-empty and not start with '$'",
+            ));
+        }
+        if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
+            return Err(invalid("max-inflight", "must be between 1 and 65535"));
+        }
+        let keep_alive = parse_duration(&self.keep_alive).map_err(|r| invalid("keep-alive", r))?;
+        if keep_alive < Duration::from_secs(1) {
+            return Err(invalid("keep-alive", "must be at least 1s"));
+        }
+        let reconnect_max =
+            parse_duration(&self.reconnect_max).map_err(|r| invalid("reconnect-max", r))?;
+        if self.database_url.is_empty() {
+            return Err(invalid("database-url", "must not be empty"));
+        }
+        if self.pg_pool_size == 0 {
+            return Err(invalid("pg-pool-size", "must be at least 1"));
+        }
+        let nats_urls: Vec<String> = self
+            .nats_urls
+            .into_iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if nats_urls.is_empty() {
+            return Err(invalid("nats-urls", "needs at least one server"));
+        }
+        if self.batch_size == 0 {
+            return Err(invalid("batch-size", "must be at least 1"));
+        }
+        let batch_linger =
+            parse_duration(&self.batch_linger).map_err(|r| invalid("batch-linger", r))?;
+        if self.max_payload_bytes == 0 {
+            return Err(invalid("max-payload-bytes", "must be at least 1"));
+        }
+        let (replica, replica_auto) = match self.replica.trim() {
+            "auto" => {
+                if self.max_replicas == 0 {
+                    return Err(invalid("max-replicas", "must be at least 1"));
+                }
+                (0, Some(self.max_replicas))
+            }
+            n => (
+                n.parse::<u32>()
+                    .map_err(|_| invalid("replica", "must be a slot number or `auto`"))?,
+                None,
+            ),
+        };
+        let metrics_addr: SocketAddr = self
+            .metrics_addr
+            .parse()
+            .map_err(|e| invalid("metrics-addr", format!("not a socket address: {e}")))?;
+        let shutdown_timeout =
+            parse_duration(&self.shutdown_timeout).map_err(|r| invalid("shutdown-timeout", r))?;
+        Ok(Config {
+            mqtt: MqttConfig {
+                addr,
+                ca_file: self.mqtt_ca_file,
+                identity,
+                replica,
+                connections: self.connections,
+                share_group: self.share_group,
+                topic_filter: self.topic_filter,
+                max_inflight: self.max_inflight,
+                keep_alive,
+                reconnect_max,
+            },
+            database_url: self.database_url,
+            pg_pool_size: self.pg_pool_size,
+            nats_urls,
+            redis_url: self.redis_url.filter(|u| !u.is_empty()),
+            batch_size: self.batch_size,
+            batch_linger,
+            max_payload_bytes: self.max_payload_bytes,
+            metrics_addr,
+            shutdown_timeout,
+            log_format: self.log_format,
+            replica_auto,
+        })
+    }
+}
+
+/// Parses `mqtts://host:port` or `mqtt://host:port` (default ports 8883 and 1883).
+pub fn parse_mqtt_url(url: &str) -> Result<MqttAddr, String> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (MqttScheme::Tls, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (MqttScheme::Plain, rest)
+    } else {
+        return Err(format!(
+            "{url:?} must start with mqtts:// (TLS) or mqtt:// (plain)"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains(['/', '@', '?']) {
+        return Err(format!("{url:?} must be scheme://host[:port]"));
+    }
+    let default_port = match scheme {
+        MqttScheme::Tls => 8883,
+        MqttScheme::Plain => 1883,
+    };
+    // `[::1]:8883`, `host:8883` or `host`.
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err(format!("{url:?}: unexpected {after:?} after the host")),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{url:?}: port {p:?} is not a port number"))?,
+        None => default_port,
+    };
+    Ok(MqttAddr {
+        scheme,
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// Parses a duration such as `250ms`, `20ms`, `5s`, `2m`, `1h` or `1500us`.
+/// A bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 20ms, 5s or 1m"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "ns" => value / 1e9,
+        "m" | "min" | "mins" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<&'static str> {
+        vec![
+            "argus-bridge",
+            "--mqtt-url",
+            "mqtt://127.0.0.1:1883",
+            "--database-url",
+            "postgres://x@127.0.0.1/argus",
+            "--nats-urls",
+            "nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+        ]
+    }
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut args = base();
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).expect("clap").into_config()
+    }
+
+    #[test]
+    fn defaults_are_usable() {
+        let c = parse(&[]).expect("valid");
+        assert_eq!(c.mqtt.connections, 2);
+        assert_eq!(c.mqtt.subscription(), "$share/bridge/devices/+/telemetry");
+        assert_eq!(c.mqtt.client_id(1), "bridge-0-1");
+        assert_eq!(c.nats_urls.len(), 2);
+        assert_eq!(c.batch_linger, Duration::from_millis(20));
+        assert_eq!(c.max_payload_bytes, 262_144);
+        assert_eq!(c.metrics_addr.port(), 9101);
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let e = parse(&["--connections", "0"]).unwrap_err();
+        assert_eq!(e.flag, "connections");
+        assert!(e.to_string().contains("--connections"));
+        let e = parse(&["--batch-linger", "soon"]).unwrap_err();
+        assert_eq!(e.flag, "batch-linger");
+        let e = parse(&["--mqtt-url", "mqtts://h:8883"]).unwrap_err();
+        assert_eq!(e.flag, "mqtt-ca-file");
+        let e = parse(&["--mqtt-url", "http://h"]).unwrap_err();
+        assert_eq!(e.flag, "mqtt-url");
+        let e = parse(&["--mqtt-cert-file", "/a"]).unwrap_err();
+        assert_eq!(e.flag, "mqtt-key-file");
+        let e = parse(&["--metrics-addr", "nope"]).unwrap_err();
+        assert_eq!(e.flag, "metrics-addr");
+        let e = parse(&["--share-group", "a/b"]).unwrap_err();
+        assert_eq!(e.flag, "share-group");
+        let e = parse(&["--replica", "first"]).unwrap_err();
+        assert_eq!(e.flag, "replica");
+    }
+
+    #[test]
+    fn replica_auto_leases_later() {
+        let c = parse(&["--replica", "auto", "--max-replicas", "3"]).expect("ok");
+        assert_eq!(c.replica_auto, Some(3));
+        let c = parse(&["--replica", "5"]).expect("ok");
+        assert_eq!((c.mqtt.replica, c.replica_auto), (5, None));
+    }
+
+    #[test]
+    fn urls_and_durations() {
+        let a = parse_mqtt_url("mqtts://broker.example:17883").expect("ok");
+        assert_eq!(
+            a,
+            MqttAddr {
+                scheme: MqttScheme::Tls,
+                host: "broker.example".into(),
+                port: 17883
+            }
+        );
+        assert_eq!(parse_mqtt_url("mqtt://h").expect("ok").port, 1883);
+        assert_eq!(parse_mqtt_url("mqtts://[::1]:9").expect("ok").host, "::1");
+        assert!(parse_mqtt_url("mqtts://h:0").is_err());
+        assert!(parse_mqtt_url("mqtts://").is_err());
+        assert_eq!(parse_duration("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1 fortnight").is_err());
+    }
+}

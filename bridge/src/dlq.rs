@@ -1,0 +1,331 @@
+//! Dead letters: rejected input goes to the `TELEMETRY_DLQ` stream on
+//! `telemetry.dlq.<reason>`, so that one bad message never blocks a device or
+//! the bridge, and nothing bad is silently dropped.
+//!
+//! Usage from a source (MQTT or HTTP):
+//!
+//! ```ignore
+//! match reading::check(&topic, &payload, &limits) {
+//!     Ok(checked) => { /* resolve tenant, build a Reading, enqueue it */ }
+//!     Err(reject) => {
+//!         let letter = DeadLetter::new(reject, Some(topic), client_id, received_at, payload);
+//!         dlq.publish(letter).await?; // Err => do NOT acknowledge the message
+//!         // Ok => acknowledge (PUBACK)
+//!     }
+//! }
+//! ```
+//!
+//! The record (JSON, camelCase): `reason`, `detail`, `topic`, `clientId`,
+//! `receivedAt` (RFC 3339, microseconds, `Z`), and `payload` (the original
+//! bytes as a JSON string when they are UTF-8) or `payloadBase64` (standard
+//! base64 with padding when they are not). `deviceId` and `messageId` are added
+//! when known (e.g. `unknown_device`, `unstorable`), otherwise omitted.
+//!
+//! Each record carries a `Nats-Msg-Id` derived from (reason, topic, payload), so a
+//! redelivered bad message (a crash between the DLQ ack and the PUBACK) is not
+//! recorded twice within the stream's duplicate window.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::metrics;
+use crate::reading::Reject;
+
+/// Subject prefix of dead letters; the reason is the last token.
+pub const DLQ_SUBJECT_PREFIX: &str = "telemetry.dlq";
+
+/// Why a message was dead-lettered. A bounded set: it is the last subject token
+/// and a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DlqReason {
+    /// The topic is not `devices/<uuid>/telemetry`.
+    BadTopic,
+    /// The payload is not valid UTF-8.
+    NotUtf8,
+    /// The payload is UTF-8 but not valid JSON.
+    InvalidJson,
+    /// The payload is valid JSON but not an object.
+    NotObject,
+    /// The payload is larger than the configured limit.
+    Oversize,
+    /// The device id from the topic is not registered.
+    UnknownDevice,
+    /// The device exists but its status is not `active`.
+    DisabledDevice,
+    /// A known field (`timestamp`, `correlationId`, `sequenceNumber`,
+    /// `totalChunks`, `messageId`) has the wrong type or range.
+    InvalidField,
+    /// Postgres rejected the reading itself (e.g. a `\u0000` in a JSON string,
+    /// which `jsonb` cannot hold). Found by the sink when it splits a failing
+    /// batch down to the single reading.
+    Unstorable,
+}
+
+impl DlqReason {
+    /// Every reason, e.g. to pre-register metric series.
+    pub const ALL: [DlqReason; 9] = [
+        DlqReason::BadTopic,
+        DlqReason::NotUtf8,
+        DlqReason::InvalidJson,
+        DlqReason::NotObject,
+        DlqReason::Oversize,
+        DlqReason::UnknownDevice,
+        DlqReason::DisabledDevice,
+        DlqReason::InvalidField,
+        DlqReason::Unstorable,
+    ];
+
+    /// The snake_case name: subject token, metric label, `reason` field.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DlqReason::BadTopic => "bad_topic",
+            DlqReason::NotUtf8 => "not_utf8",
+            DlqReason::InvalidJson => "invalid_json",
+            DlqReason::NotObject => "not_object",
+            DlqReason::Oversize => "oversize",
+            DlqReason::UnknownDevice => "unknown_device",
+            DlqReason::DisabledDevice => "disabled_device",
+            DlqReason::InvalidField => "invalid_field",
+            DlqReason::Unstorable => "unstorable",
+        }
+    }
+
+    /// The subject this reason's letters are published to: `telemetry.dlq.<reason>`.
+    pub fn subject(self) -> String {
+        format!("{DLQ_SUBJECT_PREFIX}.{}", self.as_str())
+    }
+}
+
+impl std::fmt::Display for DlqReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One rejected message, as it will be recorded.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: DlqReason,
+    /// Human-readable; never contains the payload.
+    pub detail: String,
+    /// The MQTT topic (None for HTTP).
+    pub topic: Option<String>,
+    /// The MQTT client id of the receiving connection, or the HTTP caller's key prefix.
+    pub client_id: Option<String>,
+    pub received_at: DateTime<Utc>,
+    /// The original bytes, unmodified.
+    pub payload: Bytes,
+    /// Set when the device is known from the topic (e.g. `unknown_device`).
+    pub device_id: Option<Uuid>,
+    /// Set when a message id was derived (e.g. `unstorable`).
+    pub message_id: Option<Uuid>,
+}
+
+impl DeadLetter {
+    /// A letter from a [`Reject`] returned by [`crate::reading::check`] (or built
+    /// by the source for `unknown_device` / `disabled_device`).
+    pub fn new(
+        reject: Reject,
+        topic: Option<String>,
+        client_id: Option<String>,
+        received_at: DateTime<Utc>,
+        payload: Bytes,
+    ) -> Self {
+        DeadLetter {
+            reason: reject.reason,
+            detail: reject.detail,
+            topic,
+            client_id,
+            received_at,
+            payload,
+            device_id: reject.device_id,
+            message_id: None,
+        }
+    }
+
+    /// The JSON record (see the module docs for its shape).
+    pub fn encode(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Record<'a> {
+            reason: &'static str,
+            detail: &'a str,
+            topic: Option<&'a str>,
+            client_id: Option<&'a str>,
+            received_at: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            device_id: Option<Uuid>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            message_id: Option<Uuid>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload_base64: Option<String>,
+        }
+        let (text, b64) = match std::str::from_utf8(&self.payload) {
+            Ok(text) => (Some(text), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&self.payload)),
+            ),
+        };
+        let record = Record {
+            reason: self.reason.as_str(),
+            detail: &self.detail,
+            topic: self.topic.as_deref(),
+            client_id: self.client_id.as_deref(),
+            received_at: self
+                .received_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
+            device_id: self.device_id,
+            message_id: self.message_id,
+            payload: text,
+            payload_base64: b64,
+        };
+        // Serializing a struct of strings and UUIDs into a Vec cannot fail.
+        serde_json::to_vec(&record).unwrap_or_default()
+    }
+
+    /// The `Nats-Msg-Id` of this letter: hex SHA-256 of (reason, topic, payload),
+    /// so a redelivered copy is deduplicated by JetStream.
+    pub fn dedup_id(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"argus-dlq\0");
+        h.update(self.reason.as_str().as_bytes());
+        h.update([0]);
+        let topic = self.topic.as_deref().unwrap_or("");
+        h.update((topic.len() as u64).to_be_bytes());
+        h.update(topic.as_bytes());
+        h.update(&self.payload);
+        hex::encode(h.finalize())
+    }
+}
+
+/// Writing a dead letter failed. The caller must not acknowledge the message.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// The publish could not be sent (e.g. not connected, payload too large).
+    #[error("dead letter publish failed: {0}")]
+    Publish(#[source] jetstream::context::PublishError),
+    /// JetStream did not acknowledge the letter (timeout, no stream).
+    #[error("dead letter not acknowledged: {0}")]
+    Ack(#[source] jetstream::context::PublishError),
+    /// No acknowledgement within the publisher's timeout.
+    #[error("dead letter not acknowledged within {0:?}")]
+    Timeout(Duration),
+}
+
+impl DlqError {
+    /// Every DLQ failure is transient from the bridge's point of view (NATS
+    /// down, stream missing until the topology is applied): retry later, and
+    /// in the meantime do not acknowledge.
+    pub fn is_retriable(&self) -> bool {
+        true
+    }
+}
+
+/// Publishes dead letters to JetStream and waits for the ack. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct DlqPublisher {
+    js: jetstream::Context,
+    timeout: Duration,
+}
+
+impl DlqPublisher {
+    /// Default time to wait for a JetStream ack.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    pub fn new(js: jetstream::Context) -> Self {
+        DlqPublisher {
+            js,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Overrides the ack timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Publishes `letter` to `telemetry.dlq.<reason>` and awaits the JetStream
+    /// ack. Counts `argus_dlq_dead_lettered_total{reason}` on success and
+    /// `argus_dlq_publish_failures_total` on failure. On `Err`, do not
+    /// acknowledge the original message: the broker will redeliver it.
+    pub async fn publish(&self, letter: DeadLetter) -> Result<(), DlqError> {
+        let result = self.publish_inner(&letter).await;
+        match &result {
+            Ok(()) => metrics::dead_lettered(letter.reason),
+            Err(e) => {
+                metrics::dlq_publish_failed();
+                tracing::warn!(reason = %letter.reason, error = %e, "Dead letter not written.");
+            }
+        }
+        result
+    }
+
+    async fn publish_inner(&self, letter: &DeadLetter) -> Result<(), DlqError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(letter.encode()))
+            .message_id(letter.dedup_id());
+        let ack = self
+            .js
+            .send_publish(letter.reason.subject(), publish)
+            .await
+            .map_err(DlqError::Publish)?;
+        match tokio::time::timeout(self.timeout, std::future::IntoFuture::into_future(ack)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(DlqError::Ack(e)),
+            Err(_) => Err(DlqError::Timeout(self.timeout)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(payload: &'static [u8]) -> DeadLetter {
+        DeadLetter::new(
+            Reject::new(DlqReason::InvalidJson, "expected value at line 1"),
+            Some("devices/x/telemetry".into()),
+            Some("bridge-0-0".into()),
+            DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap(),
+            Bytes::from_static(payload),
+        )
+    }
+
+    #[test]
+    fn text_payload_is_kept_as_text() {
+        let v: serde_json::Value = serde_json::from_slice(&letter(b"{oops").encode()).unwrap();
+        assert_eq!(v["reason"], "invalid_json");
+        assert_eq!(v["payload"], "{oops");
+        assert!(v.get("payloadBase64").is_none());
+        assert_eq!(v["receivedAt"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(v["topic"], "devices/x/telemetry");
+        assert_eq!(v["clientId"], "bridge-0-0");
+    }
+
+    #[test]
+    fn binary_payload_is_base64() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&letter(b"\xff\xfe\x00").encode()).unwrap();
+        assert_eq!(v["payloadBase64"], "//4A");
+        assert!(v.get("payload").is_none());
+    }
+
+    #[test]
+    fn subjects_and_names() {
+        assert_eq!(DlqReason::Unstorable.subject(), "telemetry.dlq.unstorable");
+        let names: std::collections::HashSet<_> =
+            DlqReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DlqReason::ALL.len());
+    }
+}

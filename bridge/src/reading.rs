@@ -1,0 +1,645 @@
+//! Topic and payload checks, and the [`Reading`]: one accepted message, ready
+//! for the sink.
+//!
+//! The MQTT source calls [`check`] (pure, no I/O), resolves the tenant through
+//! the registry (unknown → [`Reject::unknown_device`], not active →
+//! [`Reject::disabled_device`]) and builds the reading with
+//! [`Reading::from_checked`]. The HTTP sidecar knows the device from its API
+//! key: it calls [`check_payload`] and [`crate::message_id::derive`] (with the
+//! `Idempotency-Key` as `supplied` if any) and fills a [`Reading`] with
+//! [`Source::Http`] (see [`Reading::from_checked`] with a [`Checked`] it builds
+//! via [`Checked::for_device`]).
+//!
+//! Checks, in order (the first failing one is the reason):
+//! 1. topic is exactly `devices/<uuid>/telemetry` → else `bad_topic`. The UUID
+//!    must be the 36-character hyphenated form; upper case is accepted (UUIDs
+//!    are case-insensitive) and the device id is stored in canonical lower case.
+//! 2. payload length ≤ [`Limits::max_payload_bytes`] → else `oversize`.
+//! 3. payload is UTF-8 → else `not_utf8`.
+//! 4. payload is one JSON value (surrounding whitespace allowed) → else `invalid_json`.
+//! 5. that value is an object → else `not_object`.
+//! 6. known fields, when present and not `null`, have the right type → else
+//!    `invalid_field` with the field's name first in the detail:
+//!    - `timestamp`: an RFC 3339 string, or an integer of epoch milliseconds;
+//!      years 1..=9999 (what every store can hold); truncated to microseconds.
+//!    - `correlationId`: a non-empty string of at most 256 bytes (it is indexed).
+//!    - `sequenceNumber`, `totalChunks`: an integer in `i32` range (no fractions,
+//!      no strings).
+//!    - `messageId`: a non-empty string of at most 256 bytes; it becomes the
+//!      seed of the message id.
+//!
+//!    `null` means absent. Unknown fields are kept in the payload, unchecked.
+//!
+//! Details never contain payload content, only field names and JSON types.
+
+use bytes::Bytes;
+use chrono::{DateTime, Datelike, SubsecRound, Utc};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use uuid::Uuid;
+
+pub use crate::dlq::DlqReason;
+use crate::message_id;
+
+/// Default payload limit: 256 KiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Longest accepted `correlationId` / `messageId`, in bytes.
+pub const MAX_ID_FIELD_BYTES: usize = 256;
+
+const TOPIC_PREFIX: &str = "devices/";
+const TOPIC_SUFFIX: &str = "/telemetry";
+
+/// `devices/<device_id>/telemetry`: the topic a device publishes to. The HTTP
+/// sidecar passes it to [`message_id::derive`] so HTTP and MQTT agree on ids.
+pub fn canonical_topic(device_id: Uuid) -> String {
+    format!("{TOPIC_PREFIX}{device_id}{TOPIC_SUFFIX}")
+}
+
+/// Payload limits (configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Larger payloads are rejected as `oversize`. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+/// Why a message is not accepted. Turn it into a [`crate::dlq::DeadLetter`] with
+/// [`crate::dlq::DeadLetter::new`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Reject {
+    pub reason: DlqReason,
+    /// Human-readable, without payload content.
+    pub detail: String,
+    /// The device, when the topic named one.
+    pub device_id: Option<Uuid>,
+}
+
+impl Reject {
+    pub fn new(reason: DlqReason, detail: impl Into<String>) -> Self {
+        Reject {
+            reason,
+            detail: detail.into(),
+            device_id: None,
+        }
+    }
+
+    /// Attaches the device id (known once the topic parsed).
+    pub fn with_device(mut self, device_id: Uuid) -> Self {
+        self.device_id = Some(device_id);
+        self
+    }
+
+    /// The registry does not know the device.
+    pub fn unknown_device(device_id: Uuid) -> Self {
+        Reject::new(DlqReason::UnknownDevice, "device is not registered").with_device(device_id)
+    }
+
+    /// The device exists but may not send (status is not `active`).
+    pub fn disabled_device(device_id: Uuid, status: &str) -> Self {
+        // The status comes from our own table (a bounded set), not from input.
+        Reject::new(
+            DlqReason::DisabledDevice,
+            format!("device status is {status}, not active"),
+        )
+        .with_device(device_id)
+    }
+}
+
+/// The fields the pipeline takes from the payload. `None` when absent or `null`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fields {
+    /// `timestamp`, truncated to microseconds.
+    pub device_timestamp: Option<DateTime<Utc>>,
+    pub correlation_id: Option<String>,
+    pub sequence_number: Option<i32>,
+    pub total_chunks: Option<i32>,
+    /// `messageId` as sent; the seed of the message id.
+    pub message_id: Option<String>,
+}
+
+/// A message that passed every check that needs no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub device_id: Uuid,
+    /// From [`message_id::derive`].
+    pub message_id: Uuid,
+    pub fields: Fields,
+}
+
+impl Checked {
+    /// For sources that know the device without a topic (HTTP): checks the
+    /// payload and derives the id from `idempotency_key`, else the payload's
+    /// `messageId`, else the hash of the canonical topic and the payload.
+    pub fn for_device(
+        device_id: Uuid,
+        payload: &[u8],
+        idempotency_key: Option<&str>,
+        limits: &Limits,
+    ) -> Result<Checked, Reject> {
+        let fields = check_payload(payload, limits).map_err(|r| r.with_device(device_id))?;
+        let supplied = idempotency_key.or(fields.message_id.as_deref());
+        let message_id =
+            message_id::derive(device_id, &canonical_topic(device_id), payload, supplied);
+        Ok(Checked {
+            device_id,
+            message_id,
+            fields,
+        })
+    }
+}
+
+/// Where a reading came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Mqtt,
+    Http,
+}
+
+impl Source {
+    /// `telemetry_raw.ingestion_source` and the envelope's `source`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Source::Mqtt => "mqtt",
+            Source::Http => "http",
+        }
+    }
+}
+
+/// One accepted message, ready for [`crate::sink::SinkHandle::enqueue`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// `telemetry_raw.id` = `Nats-Msg-Id`.
+    pub message_id: Uuid,
+    pub tenant_id: Uuid,
+    pub device_id: Uuid,
+    /// The payload bytes as received: a validated JSON object. Stored as
+    /// `jsonb` and spliced verbatim into the envelope.
+    pub payload: Bytes,
+    pub payload_size_bytes: i32,
+    pub device_timestamp: Option<DateTime<Utc>>,
+    pub correlation_id: Option<String>,
+    pub sequence_number: Option<i32>,
+    pub total_chunks: Option<i32>,
+    /// When the bridge (or sidecar) received it; microsecond precision so the
+    /// row and the envelope agree exactly.
+    pub received_at: DateTime<Utc>,
+    pub source: Source,
+    pub mqtt_topic: Option<String>,
+    pub client_id: Option<String>,
+}
+
+impl Reading {
+    /// Builds the reading from a [`Checked`] message, the tenant from the
+    /// registry and the receive context. `payload` must be the same bytes that
+    /// were checked. `received_at` is truncated to microseconds.
+    pub fn from_checked(
+        checked: Checked,
+        tenant_id: Uuid,
+        payload: Bytes,
+        received_at: DateTime<Utc>,
+        source: Source,
+        mqtt_topic: Option<String>,
+        client_id: Option<String>,
+    ) -> Reading {
+        Reading {
+            message_id: checked.message_id,
+            tenant_id,
+            device_id: checked.device_id,
+            // Limits are far below 2 GiB; saturate rather than wrap if misconfigured.
+            payload_size_bytes: i32::try_from(payload.len()).unwrap_or(i32::MAX),
+            payload,
+            device_timestamp: checked.fields.device_timestamp,
+            correlation_id: checked.fields.correlation_id,
+            sequence_number: checked.fields.sequence_number,
+            total_chunks: checked.fields.total_chunks,
+            received_at: received_at.trunc_subsecs(6),
+            source,
+            mqtt_topic,
+            client_id,
+        }
+    }
+}
+
+/// Parses `devices/<uuid>/telemetry` into the device id.
+pub fn parse_topic(topic: &str) -> Result<Uuid, Reject> {
+    let bad = |why: &str| Reject::new(DlqReason::BadTopic, format!("topic {why}"));
+    let id = topic
+        .strip_prefix(TOPIC_PREFIX)
+        .and_then(|rest| rest.strip_suffix(TOPIC_SUFFIX))
+        .ok_or_else(|| bad("is not devices/<uuid>/telemetry"))?;
+    // Only the hyphenated form: `Uuid::parse_str` would also take braces, URNs
+    // and the 32-digit simple form, which would make one device many topics.
+    if id.len() != 36 {
+        return Err(bad("device id is not a hyphenated UUID"));
+    }
+    Uuid::try_parse(id).map_err(|_| bad("device id is not a hyphenated UUID"))
+}
+
+/// Checks topic and payload and derives the message id. Pure: no I/O.
+pub fn check(topic: &str, payload: &[u8], limits: &Limits) -> Result<Checked, Reject> {
+    let device_id = parse_topic(topic)?;
+    let fields = check_payload(payload, limits).map_err(|r| r.with_device(device_id))?;
+    let message_id = message_id::derive(device_id, topic, payload, fields.message_id.as_deref());
+    Ok(Checked {
+        device_id,
+        message_id,
+        fields,
+    })
+}
+
+/// Checks the payload (steps 2–6 of the module docs) and extracts the fields.
+/// One pass over the bytes; unknown fields are validated but not materialized.
+pub fn check_payload(payload: &[u8], limits: &Limits) -> Result<Fields, Reject> {
+    if payload.len() > limits.max_payload_bytes {
+        return Err(Reject::new(
+            DlqReason::Oversize,
+            format!(
+                "payload is {} bytes, limit {}",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    if let Err(e) = std::str::from_utf8(payload) {
+        return Err(Reject::new(
+            DlqReason::NotUtf8,
+            format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let top = de
+        .deserialize_any(TopVisitor)
+        .and_then(|top| de.end().map(|()| top))
+        .map_err(|e| Reject::new(DlqReason::InvalidJson, e.to_string()))?;
+    match top {
+        Top::Object(raw) => raw.into_fields(),
+        Top::Other(kind) => Err(Reject::new(
+            DlqReason::NotObject,
+            format!("payload is a JSON {kind}, not an object"),
+        )),
+    }
+}
+
+/// The top-level JSON value: an object's known fields, or the kind of non-object.
+enum Top {
+    Object(RawFields),
+    Other(&'static str),
+}
+
+/// Known fields as parsed JSON values (small), validated after parsing.
+#[derive(Default)]
+struct RawFields {
+    timestamp: Option<serde_json::Value>,
+    correlation_id: Option<serde_json::Value>,
+    sequence_number: Option<serde_json::Value>,
+    total_chunks: Option<serde_json::Value>,
+    message_id: Option<serde_json::Value>,
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+fn invalid(field: &str, expected: &str, got: &serde_json::Value) -> Reject {
+    Reject::new(
+        DlqReason::InvalidField,
+        format!("{field}: expected {expected}, got {}", json_kind(got)),
+    )
+}
+
+/// `None` for absent or `null`.
+fn present(v: Option<serde_json::Value>) -> Option<serde_json::Value> {
+    v.filter(|v| !v.is_null())
+}
+
+impl RawFields {
+    fn into_fields(self) -> Result<Fields, Reject> {
+        Ok(Fields {
+            device_timestamp: present(self.timestamp).map(|v| timestamp(&v)).transpose()?,
+            correlation_id: present(self.correlation_id)
+                .map(|v| id_string("correlationId", v))
+                .transpose()?,
+            sequence_number: present(self.sequence_number)
+                .map(|v| int32("sequenceNumber", &v))
+                .transpose()?,
+            total_chunks: present(self.total_chunks)
+                .map(|v| int32("totalChunks", &v))
+                .transpose()?,
+            message_id: present(self.message_id)
+                .map(|v| id_string("messageId", v))
+                .transpose()?,
+        })
+    }
+}
+
+fn timestamp(v: &serde_json::Value) -> Result<DateTime<Utc>, Reject> {
+    const EXPECTED: &str = "an RFC 3339 string or integer epoch milliseconds";
+    let parsed = match v {
+        serde_json::Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| {
+                Reject::new(
+                    DlqReason::InvalidField,
+                    "timestamp: string is not RFC 3339".to_string(),
+                )
+            })?,
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .and_then(DateTime::from_timestamp_millis)
+            .ok_or_else(|| invalid("timestamp", EXPECTED, v))?,
+        other => return Err(invalid("timestamp", EXPECTED, other)),
+    };
+    if !(1..=9999).contains(&parsed.year()) {
+        return Err(Reject::new(
+            DlqReason::InvalidField,
+            "timestamp: year outside 1..=9999",
+        ));
+    }
+    Ok(parsed.trunc_subsecs(6))
+}
+
+fn int32(field: &str, v: &serde_json::Value) -> Result<i32, Reject> {
+    v.as_i64()
+        .and_then(|n| i32::try_from(n).ok())
+        .ok_or_else(|| invalid(field, "an integer in i32 range", v))
+}
+
+fn id_string(field: &str, v: serde_json::Value) -> Result<String, Reject> {
+    match v {
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= MAX_ID_FIELD_BYTES => Ok(s),
+        serde_json::Value::String(_) => Err(Reject::new(
+            DlqReason::InvalidField,
+            format!("{field}: expected 1..={MAX_ID_FIELD_BYTES} bytes"),
+        )),
+        other => Err(invalid(field, "a string", &other)),
+    }
+}
+
+enum Key {
+    Timestamp,
+    CorrelationId,
+    SequenceNumber,
+    TotalChunks,
+    MessageId,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key, E> {
+                Ok(match s {
+                    "timestamp" => Key::Timestamp,
+                    "correlationId" => Key::CorrelationId,
+                    "sequenceNumber" => Key::SequenceNumber,
+                    "totalChunks" => Key::TotalChunks,
+                    "messageId" => Key::MessageId,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+struct TopVisitor;
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Top;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        let mut raw = RawFields::default();
+        // Duplicate keys: the last one wins, as in Postgres jsonb.
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Timestamp => raw.timestamp = Some(map.next_value()?),
+                Key::CorrelationId => raw.correlation_id = Some(map.next_value()?),
+                Key::SequenceNumber => raw.sequence_number = Some(map.next_value()?),
+                Key::TotalChunks => raw.total_chunks = Some(map.next_value()?),
+                Key::MessageId => raw.message_id = Some(map.next_value()?),
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Top::Object(raw))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Top, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Top::Other("array"))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Top, E> {
+        Ok(Top::Other("boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Top, E> {
+        Ok(Top::Other("number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Top, E> {
+        Ok(Top::Other("number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Top, E> {
+        Ok(Top::Other("number"))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Top, E> {
+        Ok(Top::Other("string"))
+    }
+    fn visit_unit<E>(self) -> Result<Top, E> {
+        Ok(Top::Other("null"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEV: &str = "0d000000-0000-4000-8000-000000000001";
+
+    fn topic() -> String {
+        format!("devices/{DEV}/telemetry")
+    }
+
+    fn reason(topic: &str, payload: &[u8]) -> DlqReason {
+        check(topic, payload, &Limits::default())
+            .unwrap_err()
+            .reason
+    }
+
+    fn field_err(payload: &str) -> String {
+        let r = check(&topic(), payload.as_bytes(), &Limits::default()).unwrap_err();
+        assert_eq!(r.reason, DlqReason::InvalidField, "{payload}");
+        r.detail
+    }
+
+    #[test]
+    fn good_topic() {
+        assert_eq!(parse_topic(&topic()).unwrap().to_string(), DEV);
+        let upper = format!("devices/{}/telemetry", DEV.to_uppercase());
+        assert_eq!(parse_topic(&upper).unwrap().to_string(), DEV);
+    }
+
+    #[test]
+    fn bad_topics() {
+        for t in [
+            "",
+            "devices",
+            "devices//telemetry",
+            "devices/not-a-uuid/telemetry",
+            &format!("/devices/{DEV}/telemetry"),
+            &format!("devices/{DEV}/telemetry/extra"),
+            &format!("devices/{DEV}/x/telemetry"),
+            &format!("devices/{DEV}/status"),
+            &format!("devices/{DEV}/telemetry/"),
+            "devices/+/telemetry",
+            "devices/#",
+            &format!("devices/{{{DEV}}}/telemetry"),
+            "devices/0d000000000040008000000000000001/telemetry",
+            &format!("devices/urn:uuid:{DEV}/telemetry"),
+            &format!("$share/bridge/devices/{DEV}/telemetry"),
+        ] {
+            assert_eq!(reason(t, b"{}"), DlqReason::BadTopic, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn payload_reasons() {
+        let t = topic();
+        assert_eq!(reason(&t, b""), DlqReason::InvalidJson);
+        assert_eq!(reason(&t, b"{oops"), DlqReason::InvalidJson);
+        assert_eq!(reason(&t, b"{} {}"), DlqReason::InvalidJson);
+        assert_eq!(reason(&t, b"\xff{}"), DlqReason::NotUtf8);
+        assert_eq!(reason(&t, b"[1,2]"), DlqReason::NotObject);
+        assert_eq!(reason(&t, b"\"s\""), DlqReason::NotObject);
+        assert_eq!(reason(&t, b"42"), DlqReason::NotObject);
+        assert_eq!(reason(&t, b"null"), DlqReason::NotObject);
+        let limits = Limits {
+            max_payload_bytes: 4,
+        };
+        assert_eq!(
+            check(&t, b"{\"a\":1}", &limits).unwrap_err().reason,
+            DlqReason::Oversize
+        );
+        assert!(check(&t, b"{ }", &limits).is_ok());
+        // Whitespace around the object is fine.
+        assert!(check(&t, b" \n{\"a\":[1,{\"b\":null}]}\n", &Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn reject_carries_device() {
+        let r = check(&topic(), b"[]", &Limits::default()).unwrap_err();
+        assert_eq!(r.device_id.unwrap().to_string(), DEV);
+    }
+
+    #[test]
+    fn extracts_fields() {
+        let p = br#"{"timestamp":"2024-05-01T12:00:00.1234567+02:00","correlationId":"c-1",
+            "sequenceNumber":2,"totalChunks":3,"messageId":"m-1","x":{"timestamp":"nested"}}"#;
+        let c = check(&topic(), p, &Limits::default()).unwrap();
+        assert_eq!(
+            c.fields.device_timestamp.unwrap().to_rfc3339(),
+            "2024-05-01T10:00:00.123456+00:00"
+        );
+        assert_eq!(c.fields.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(c.fields.sequence_number, Some(2));
+        assert_eq!(c.fields.total_chunks, Some(3));
+        assert_eq!(c.fields.message_id.as_deref(), Some("m-1"));
+        assert_eq!(
+            c.message_id,
+            message_id::derive(c.device_id, "ignored", b"ignored", Some("m-1"))
+        );
+    }
+
+    #[test]
+    fn epoch_millis_and_nulls() {
+        let c = check(
+            &topic(),
+            br#"{"timestamp":1700000000123,"correlationId":null,"sequenceNumber":null}"#,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.fields.device_timestamp.unwrap().timestamp_millis(),
+            1_700_000_000_123
+        );
+        assert_eq!(c.fields.correlation_id, None);
+        let c = check(&topic(), b"{}", &Limits::default()).unwrap();
+        assert_eq!(c.fields, Fields::default());
+        assert_eq!(
+            c.message_id,
+            message_id::derive(c.device_id, &topic(), b"{}", None)
+        );
+    }
+
+    #[test]
+    fn invalid_fields_name_the_field() {
+        assert!(field_err(r#"{"sequenceNumber":"x"}"#).starts_with("sequenceNumber:"));
+        assert!(field_err(r#"{"sequenceNumber":2147483648}"#).starts_with("sequenceNumber:"));
+        assert!(field_err(r#"{"sequenceNumber":1.5}"#).starts_with("sequenceNumber:"));
+        assert!(field_err(r#"{"totalChunks":-2147483649}"#).starts_with("totalChunks:"));
+        assert!(field_err(r#"{"timestamp":"yesterday"}"#).starts_with("timestamp:"));
+        assert!(field_err(r#"{"timestamp":true}"#).starts_with("timestamp:"));
+        assert!(field_err(r#"{"timestamp":1.5}"#).starts_with("timestamp:"));
+        assert!(field_err(r#"{"timestamp":-99999999999999999}"#).starts_with("timestamp:"));
+        assert!(field_err(r#"{"correlationId":7}"#).starts_with("correlationId:"));
+        assert!(field_err(r#"{"correlationId":""}"#).starts_with("correlationId:"));
+        let long = "x".repeat(MAX_ID_FIELD_BYTES + 1);
+        assert!(field_err(&format!(r#"{{"messageId":"{long}"}}"#)).starts_with("messageId:"));
+        assert!(field_err(r#"{"messageId":{}}"#).starts_with("messageId:"));
+        // Edges that pass.
+        assert!(check(
+            &topic(),
+            br#"{"sequenceNumber":2147483647,"totalChunks":-2147483648}"#,
+            &Limits::default()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn duplicate_keys_last_wins() {
+        let c = check(
+            &topic(),
+            br#"{"sequenceNumber":"x","sequenceNumber":5}"#,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(c.fields.sequence_number, Some(5));
+    }
+
+    #[test]
+    fn http_checked_prefers_idempotency_key() {
+        let dev = Uuid::parse_str(DEV).unwrap();
+        let c = Checked::for_device(dev, br#"{"messageId":"m"}"#, Some("k"), &Limits::default())
+            .unwrap();
+        assert_eq!(c.message_id, message_id::derive(dev, "", b"", Some("k")));
+        let c = Checked::for_device(dev, b"{}", None, &Limits::default()).unwrap();
+        assert_eq!(
+            c.message_id,
+            check(&topic(), b"{}", &Limits::default())
+                .unwrap()
+                .message_id
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! The batcher: pulls units from the bounded queue and cuts batches, with no
+//! I/O of its own so it can be tested with paused time.
+//!
+//! A batch is cut when it holds at least `size` readings (full), or when its
+//! oldest unit has waited `linger` since it was enqueued (old enough), or when
+//! the queue is closed and drained (shutdown). Units are never split: a unit
+//! larger than `size` is a batch by itself, and a batch may exceed `size` by
+//! less than one unit.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Something the batcher can weigh and age.
+pub trait Batchable {
+    /// Readings it counts for.
+    fn weight(&self) -> usize;
+    /// When it entered the queue; the batch deadline is the oldest's plus `linger`.
+    fn enqueued_at(&self) -> Instant;
+}
+
+/// Cuts batches from a bounded queue.
+pub struct Batcher<T> {
+    rx: mpsc::Receiver<T>,
+    size: usize,
+    linger: Duration,
+    /// Cancelled by `SinkHandle::close`: stop taking new units, drain the queue.
+    close: CancellationToken,
+    closing: bool,
+}
+
+impl<T: Batchable> Batcher<T> {
+    pub fn new(
+        rx: mpsc::Receiver<T>,
+        size: usize,
+        linger: Duration,
+        close: CancellationToken,
+    ) -> Self {
+        Batcher {
+            rx,
+            size: size.max(1),
+            linger,
+            close,
+            closing: false,
+        }
+    }
+
+    /// The next batch, or `None` once the queue is closed (all senders dropped,
+    /// or `close` cancelled) and drained.
+    pub async fn next_batch(&mut self) -> Option<Vec<T>> {
+        let mut batch: Vec<T> = Vec::new();
+        let mut weight = 0usize;
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if weight >= self.size {
+                return Some(batch);
+            }
+            let item = tokio::select! {
+                // Take what is queued before looking at the clock, so a backlog
+                // drains in full batches.
+                biased;
+                item = self.rx.recv() => item,
+                () = self.close.cancelled(), if !self.closing => {
+                    // Senders now get an error; what is buffered is still received.
+                    self.rx.close();
+                    self.closing = true;
+                    continue;
+                }
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    return Some(batch);
+                }
+            };
+            match item {
+                Some(item) => {
+                    if deadline.is_none() {
+                        deadline = Some(item.enqueued_at() + self.linger);
+                    }
+                    weight += item.weight();
+                    batch.push(item);
+                }
+                None if batch.is_empty() => return None,
+                None => return Some(batch),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Item(usize, Instant);
+    impl Batchable for Item {
+        fn weight(&self) -> usize {
+            self.0
+        }
+        fn enqueued_at(&self) -> Instant {
+            self.1
+        }
+    }
+
+    fn batcher(cap: usize) -> (mpsc::Sender<Item>, Batcher<Item>, CancellationToken) {
+        let (tx, rx) = mpsc::channel(cap);
+        let close = CancellationToken::new();
+        (
+            tx,
+            Batcher::new(rx, 3, Duration::from_millis(20), close.clone()),
+            close,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_batch_flushes_without_waiting() {
+        let (tx, mut b, _) = batcher(10);
+        let start = Instant::now();
+        for _ in 0..4 {
+            tx.send(Item(1, Instant::now())).await.unwrap();
+        }
+        let batch = b.next_batch().await.unwrap();
+        assert_eq!(batch.len(), 3);
+        assert_eq!(
+            Instant::now(),
+            start,
+            "a full batch must not wait for the linger"
+        );
+        // The fourth waits for its linger.
+        let batch = b.next_batch().await.unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(Instant::now() - start, Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn linger_counts_from_the_oldest() {
+        let (tx, mut b, _) = batcher(10);
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            tx.send(Item(1, Instant::now())).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            tx.send(Item(1, Instant::now())).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            tx.send(Item(1, Instant::now())).await.unwrap();
+            // Keep the queue open past the last linger (closing flushes at once).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        let batch = b.next_batch().await.unwrap();
+        assert_eq!(batch.len(), 2);
+        assert_eq!(Instant::now() - start, Duration::from_millis(20));
+        let batch = b.next_batch().await.unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(Instant::now() - start, Duration::from_millis(50));
+        sender.await.unwrap();
+        assert!(b.next_batch().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backlog_older_than_linger_flushes_at_once() {
+        let (tx, mut b, _) = batcher(10);
+        let old = Instant::now();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        tx.send(Item(1, old)).await.unwrap();
+        tx.send(Item(1, old)).await.unwrap();
+        let now = Instant::now();
+        assert_eq!(b.next_batch().await.unwrap().len(), 2);
+        assert_eq!(Instant::now(), now);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn big_unit_is_a_batch_of_its_own() {
+        let (tx, mut b, _) = batcher(10);
+        tx.send(Item(2, Instant::now())).await.unwrap();
+        tx.send(Item(5, Instant::now())).await.unwrap();
+        tx.send(Item(1, Instant::now())).await.unwrap();
+        let w: Vec<usize> = b.next_batch().await.unwrap().iter().map(|i| i.0).collect();
+        assert_eq!(w, vec![2, 5]);
+        let w: Vec<usize> = b.next_batch().await.unwrap().iter().map(|i| i.0).collect();
+        assert_eq!(w, vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_drains_then_ends() {
+        let (tx, mut b, close) = batcher(10);
+        tx.send(Item(1, Instant::now())).await.unwrap();
+        close.cancel();
+        assert_eq!(b.next_batch().await.unwrap().len(), 1);
+        assert!(b.next_batch().await.is_none());
+        assert!(tx.send(Item(1, Instant::now())).await.is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! Dead letters against a real JetStream: record shape (text and base64),
+//! subject per reason, deduplication of a redelivered letter, and an error
+//! (so the caller does not acknowledge) when the DLQ cannot be written.
+// Helpers outside #[test] fns panic on purpose: a test whose setup fails must fail loudly.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use argus_bridge::dlq::{DeadLetter, DlqPublisher};
+use argus_bridge::reading::{check, Limits, Reject};
+use argus_testkit::nats::NatsServer;
+use async_nats::jetstream;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+const DLQ_STREAM: &str = "TELEMETRY_DLQ";
+const DEVICE: Uuid = Uuid::from_u128(0x0d000000_0000_4000_8000_000000000001);
+
+async fn setup() -> (NatsServer, jetstream::Context) {
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    argus_schema::streams::apply(&client, Some(1))
+        .await
+        .unwrap();
+    (nats, jetstream::new(client))
+}
+
+async fn letters(js: &jetstream::Context) -> Vec<jetstream::message::StreamMessage> {
+    let mut s = js.get_stream(DLQ_STREAM).await.unwrap();
+    let state = s.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        out.push(s.get_raw_message(seq).await.unwrap());
+    }
+    out
+}
+
+fn at() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_714_557_600, 250_000_000).unwrap()
+}
+
+fn rejected(topic: &str, payload: &'static [u8]) -> DeadLetter {
+    let reject = check(topic, payload, &Limits::default()).unwrap_err();
+    DeadLetter::new(
+        reject,
+        Some(topic.to_string()),
+        Some("bridge-0-1".into()),
+        at(),
+        Bytes::from_static(payload),
+    )
+}
+
+#[tokio::test]
+async fn records_have_the_contract_shape() {
+    let (_nats, js) = setup().await;
+    let dlq = DlqPublisher::new(js.clone());
+    let topic = format!("devices/{DEVICE}/telemetry");
+
+    dlq.publish(rejected(&topic, b"{\"t\": 21.5,"))
+        .await
+        .unwrap();
+    dlq.publish(rejected(&topic, b"\x00\x9f\x92\x96 binary"))
+        .await
+        .unwrap();
+    dlq.publish(rejected("devices/nope/telemetry", b"{}"))
+        .await
+        .unwrap();
+    dlq.publish(DeadLetter::new(
+        Reject::unknown_device(DEVICE),
+        Some(topic.clone()),
+        None,
+        at(),
+        Bytes::from_static(b"{}"),
+    ))
+    .await
+    .unwrap();
+
+    let msgs = letters(&js).await;
+    assert_eq!(msgs.len(), 4);
+    let subjects: Vec<&str> = msgs.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "telemetry.dlq.invalid_json",
+            "telemetry.dlq.not_utf8",
+            "telemetry.dlq.bad_topic",
+            "telemetry.dlq.unknown_device"
+        ]
+    );
+    let v: Vec<serde_json::Value> = msgs
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+
+    // Text payload.
+    assert_eq!(v[0]["reason"], "invalid_json");
+    assert_eq!(v[0]["payload"], "{\"t\": 21.5,");
+    assert!(v[0].get("payloadBase64").is_none());
+    assert_eq!(v[0]["topic"], topic);
+    assert_eq!(v[0]["clientId"], "bridge-0-1");
+    assert_eq!(v[0]["receivedAt"], "2024-05-01T10:00:00.250000Z");
+    assert_eq!(v[0]["deviceId"], DEVICE.to_string());
+    assert!(!v[0]["detail"].as_str().unwrap().is_empty());
+
+    // Binary payload: base64, and no text field.
+    assert_eq!(v[1]["reason"], "not_utf8");
+    assert_eq!(v[1]["payloadBase64"], "AJ+SliBiaW5hcnk=");
+    assert!(v[1].get("payload").is_none());
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v[1]["payloadBase64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw, b"\x00\x9f\x92\x96 binary");
+
+    // A bad topic names no device.
+    assert_eq!(v[2]["reason"], "bad_topic");
+    assert!(v[2].get("deviceId").is_none());
+
+    assert_eq!(v[3]["reason"], "unknown_device");
+    assert!(v[3]["clientId"].is_null());
+}
+
+#[tokio::test]
+async fn a_redelivered_letter_is_recorded_once() {
+    let (_nats, js) = setup().await;
+    let dlq = DlqPublisher::new(js.clone());
+    let topic = format!("devices/{DEVICE}/telemetry");
+    let letter = rejected(&topic, b"[1,2,3]");
+    dlq.publish(letter.clone()).await.unwrap();
+    dlq.publish(letter).await.unwrap();
+    dlq.publish(rejected(&topic, b"[1,2,4]")).await.unwrap();
+    assert_eq!(letters(&js).await.len(), 2);
+}
+
+#[tokio::test]
+async fn an_unwritable_dlq_is_an_error() {
+    let (mut nats, js) = setup().await;
+    let dlq = DlqPublisher::new(js.clone()).with_timeout(Duration::from_millis(500));
+    nats.stop().await;
+    let topic = format!("devices/{DEVICE}/telemetry");
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        dlq.publish(rejected(&topic, b"nope")),
+    )
+    .await
+    .expect("publish must give up within its timeout")
+    .unwrap_err();
+    assert!(err.is_retriable());
+
+    // And a stream that does not exist (topology not applied) is an error too.
+    nats.restart().await;
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    js.delete_stream(DLQ_STREAM).await.unwrap();
+    let dlq = DlqPublisher::new(js).with_timeout(Duration::from_secs(2));
+    assert!(dlq.publish(rejected(&topic, b"nope")).await.is_err());
+}

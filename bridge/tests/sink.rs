@@ -1,0 +1,453 @@
+//! The batch sink against real Postgres and NATS: exactly-once effect in both
+//! stores, idempotent redelivery, one transaction per unit, outages that are
+//! waited out, and readings Postgres refuses going to the DLQ.
+// Helpers outside #[test] fns panic on purpose: a test whose setup fails must fail loudly.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use argus_bridge::envelope::Envelope;
+use argus_bridge::reading::{check, Limits, Reading, Source};
+use argus_bridge::sink::{Sink, SinkConfig, SinkHandle, Ticket};
+use argus_schema::seed::{DEMO_ORG_ID, SENSOR_IDS};
+use argus_testkit::nats::NatsServer;
+use argus_testkit::pg::{PgServer, TestDb};
+use async_nats::jetstream;
+use bytes::Bytes;
+use chrono::Utc;
+use uuid::Uuid;
+
+const RAW_STREAM: &str = "TELEMETRY_RAW_V1";
+const DLQ_STREAM: &str = "TELEMETRY_DLQ";
+
+fn pool(url: &str) -> deadpool_postgres::Pool {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(4)
+        .build()
+        .unwrap()
+}
+
+async fn prepare_db(url: &str) {
+    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    argus_schema::migrate::migrate(&mut client).await.unwrap();
+    argus_schema::seed::seed(&mut client).await.unwrap();
+}
+
+async fn jetstream_for(nats: &NatsServer) -> (async_nats::Client, jetstream::Context) {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(nats.url())
+        .await
+        .unwrap();
+    argus_schema::streams::apply(&client, Some(1))
+        .await
+        .unwrap();
+    let js = jetstream::new(client.clone());
+    (client, js)
+}
+
+fn config() -> SinkConfig {
+    SinkConfig {
+        batch_size: 50,
+        batch_linger: Duration::from_millis(10),
+        queue_capacity: 1000,
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(500),
+        pg_timeout: Duration::from_secs(5),
+        publish_timeout: Duration::from_secs(2),
+    }
+}
+
+fn reading(device: Uuid, payload: &str) -> Reading {
+    let topic = format!("devices/{device}/telemetry");
+    let checked = check(&topic, payload.as_bytes(), &Limits::default()).unwrap();
+    Reading::from_checked(
+        checked,
+        DEMO_ORG_ID,
+        Bytes::from(payload.to_string()),
+        Utc::now(),
+        Source::Mqtt,
+        Some(topic),
+        Some("bridge-0-0".into()),
+    )
+}
+
+fn readings(n: usize, tag: &str) -> Vec<Reading> {
+    (0..n)
+        .map(|i| {
+            reading(
+                SENSOR_IDS[i % SENSOR_IDS.len()],
+                &format!(r#"{{"tag":"{tag}","i":{i},"temperature":21.5}}"#),
+            )
+        })
+        .collect()
+}
+
+async fn enqueue_each(sink: &SinkHandle, rs: &[Reading]) -> Vec<Ticket> {
+    let mut tickets = Vec::new();
+    for r in rs {
+        tickets.push(sink.enqueue(vec![r.clone()]).await.unwrap());
+    }
+    tickets
+}
+
+async fn await_all(tickets: Vec<Ticket>, within: Duration) -> (usize, usize) {
+    let all = futures::future::join_all(tickets);
+    let results = tokio::time::timeout(within, all)
+        .await
+        .expect("tickets did not resolve in time");
+    let mut dups = 0;
+    let mut readings = 0;
+    for r in results {
+        let d = r.unwrap();
+        dups += d.duplicates;
+        readings += d.readings;
+        assert!(d.dead_lettered.is_empty());
+    }
+    (readings, dups)
+}
+
+async fn row_count(url: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .query_one("SELECT count(*) FROM telemetry_raw", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn stream_messages(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<jetstream::message::StreamMessage> {
+    let mut s = js.get_stream(stream).await.unwrap();
+    let state = s.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if state.messages == 0 {
+            break;
+        }
+        out.push(s.get_raw_message(seq).await.unwrap());
+    }
+    out
+}
+
+fn msg_id(m: &jetstream::message::StreamMessage) -> String {
+    m.headers
+        .get("Nats-Msg-Id")
+        .expect("Nats-Msg-Id header")
+        .to_string()
+}
+
+#[tokio::test]
+async fn batch_lands_once_in_postgres_and_jetstream() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+
+    let first = reading(
+        SENSOR_IDS[0],
+        r#"{"timestamp":"2024-05-01T10:00:00.5Z","correlationId":"c-1","sequenceNumber":1,"totalChunks":2,"t":1}"#,
+    );
+    let mut rs = readings(9, "landing");
+    rs.insert(0, first.clone());
+    let tickets = enqueue_each(&sink, &rs).await;
+    assert_eq!(await_all(tickets, Duration::from_secs(20)).await, (10, 0));
+    assert!(sink.is_healthy());
+
+    // Postgres: one row per reading, every column right.
+    let client = db.client().await;
+    assert_eq!(row_count(db.url()).await, 10);
+    let row = client
+        .query_one(
+            "SELECT tenant_id, device_id, payload, payload_size_bytes, correlation_id, sequence_number, \
+             total_chunks, device_timestamp, received_at, ingestion_source, mqtt_topic, client_id \
+             FROM telemetry_raw WHERE id = $1",
+            &[&first.message_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Uuid>(0), DEMO_ORG_ID);
+    assert_eq!(row.get::<_, Uuid>(1), SENSOR_IDS[0]);
+    let payload: serde_json::Value = row.get(2);
+    assert_eq!(payload["correlationId"], "c-1");
+    assert_eq!(
+        row.get::<_, Option<i32>>(3),
+        Some(first.payload.len() as i32)
+    );
+    assert_eq!(row.get::<_, Option<String>>(4).as_deref(), Some("c-1"));
+    assert_eq!(row.get::<_, Option<i32>>(5), Some(1));
+    assert_eq!(row.get::<_, Option<i32>>(6), Some(2));
+    assert_eq!(
+        row.get::<_, Option<chrono::DateTime<Utc>>>(7),
+        first.device_timestamp
+    );
+    assert_eq!(row.get::<_, chrono::DateTime<Utc>>(8), first.received_at);
+    assert_eq!(row.get::<_, Option<String>>(9).as_deref(), Some("mqtt"));
+    assert_eq!(row.get::<_, Option<String>>(10), first.mqtt_topic);
+    assert_eq!(
+        row.get::<_, Option<String>>(11).as_deref(),
+        Some("bridge-0-0")
+    );
+
+    // JetStream: one message per reading, Nats-Msg-Id = row id, envelope right.
+    let msgs = stream_messages(&js, RAW_STREAM).await;
+    assert_eq!(msgs.len(), 10);
+    let ids: std::collections::HashSet<String> =
+        rs.iter().map(|r| r.message_id.to_string()).collect();
+    for m in &msgs {
+        assert!(ids.contains(&msg_id(m)));
+        let e: Envelope = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(e.message_id.to_string(), msg_id(m));
+        assert_eq!(
+            m.subject.as_str(),
+            format!("telemetry.raw.v1.{}", e.device_id)
+        );
+    }
+    let m = msgs
+        .iter()
+        .find(|m| msg_id(m) == first.message_id.to_string())
+        .unwrap();
+    let e: Envelope = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(e.tenant_id, DEMO_ORG_ID);
+    assert_eq!(e.device_id, SENSOR_IDS[0]);
+    assert_eq!(e.topic, first.mqtt_topic);
+    assert_eq!(e.client_id.as_deref(), Some("bridge-0-0"));
+    assert_eq!(e.received_at, first.received_at);
+    assert_eq!(e.device_timestamp, first.device_timestamp);
+    assert_eq!(e.payload, payload);
+    assert_eq!(e.source, "mqtt");
+
+    sink.close();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn redelivered_readings_are_stored_and_published_once() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+
+    let rs = readings(20, "dup");
+    // Twice in the same batch (a broker redelivery while the first copy waits).
+    let mut twice = rs[..5].to_vec();
+    twice.extend_from_slice(&rs[..5]);
+    let t = sink.enqueue(twice).await.unwrap();
+    let d = t.await.unwrap();
+    assert_eq!((d.readings, d.duplicates), (10, 5));
+
+    // Again after they are stored, mixed with new ones: fast path fails on the
+    // primary key, the staging path skips the stored ones.
+    let tickets = enqueue_each(&sink, &rs).await;
+    assert_eq!(await_all(tickets, Duration::from_secs(20)).await, (20, 5));
+    // And once more, all already stored.
+    let tickets = enqueue_each(&sink, &rs).await;
+    assert_eq!(await_all(tickets, Duration::from_secs(20)).await, (20, 20));
+
+    assert_eq!(row_count(db.url()).await, 20);
+    let msgs = stream_messages(&js, RAW_STREAM).await;
+    assert_eq!(msgs.len(), 20, "JetStream deduplicates by Nats-Msg-Id");
+    sink.close();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_unit_is_one_transaction() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let mut cfg = config();
+    cfg.batch_size = 2; // smaller than the unit: the unit is still not split
+    let (sink, task) = Sink::start(cfg, pool(db.url()), js.clone());
+
+    let unit = readings(7, "unit");
+    let d = sink.enqueue(unit).await.unwrap().await.unwrap();
+    assert_eq!(d.readings, 7);
+    let client = db.client().await;
+    let xmins: i64 = client
+        .query_one("SELECT count(DISTINCT xmin::text) FROM telemetry_raw", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(xmins, 1, "all rows of a unit come from one transaction");
+    assert_eq!(row_count(db.url()).await, 7);
+    sink.close();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn unstorable_reading_goes_to_the_dlq_and_the_rest_is_stored() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+
+    let mut rs = readings(6, "poison");
+    // Valid JSON that jsonb refuses.
+    let poison = reading(SENSOR_IDS[1], r#"{"note":"nul \u0000 here"}"#);
+    rs.insert(3, poison.clone());
+    let tickets = enqueue_each(&sink, &rs).await;
+    let results = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(tickets))
+        .await
+        .unwrap();
+    let dead: Vec<Uuid> = results
+        .into_iter()
+        .flat_map(|r| r.unwrap().dead_lettered)
+        .collect();
+    assert_eq!(dead, vec![poison.message_id]);
+
+    assert_eq!(row_count(db.url()).await, 6);
+    assert_eq!(stream_messages(&js, RAW_STREAM).await.len(), 6);
+    let letters = stream_messages(&js, DLQ_STREAM).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].subject.as_str(), "telemetry.dlq.unstorable");
+    let v: serde_json::Value = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(v["reason"], "unstorable");
+    assert_eq!(v["payload"], r#"{"note":"nul \u0000 here"}"#);
+    assert_eq!(v["messageId"], poison.message_id.to_string());
+    assert_eq!(v["topic"], poison.mqtt_topic.clone().unwrap());
+    assert!(v["detail"].as_str().unwrap().contains("22P05"), "{v}");
+    sink.close();
+    task.await.unwrap();
+}
+
+/// Enqueues `n` readings in a steady trickle and returns their tickets.
+async fn trickle(sink: &SinkHandle, rs: &[Reading], every: Duration) -> Vec<Ticket> {
+    let mut tickets = Vec::new();
+    for r in rs {
+        tickets.push(sink.enqueue(vec![r.clone()]).await.unwrap());
+        tokio::time::sleep(every).await;
+    }
+    tickets
+}
+
+#[tokio::test]
+async fn nats_outage_is_waited_out_and_everything_lands_once() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let mut nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+
+    let rs = readings(60, "nats-outage");
+    let before = trickle(&sink, &rs[..20], Duration::from_millis(2)).await;
+    await_all(before, Duration::from_secs(20)).await;
+
+    nats.stop().await;
+    let during = trickle(&sink, &rs[20..40], Duration::from_millis(2)).await;
+    // Stored in Postgres, but not acknowledged while JetStream is down.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!sink.is_healthy());
+    assert!(sink.last_error().is_some());
+    assert_eq!(sink.queued(), 20, "nothing resolved while NATS is down");
+
+    nats.restart().await;
+    let after = trickle(&sink, &rs[40..], Duration::from_millis(2)).await;
+    await_all(during, Duration::from_secs(30)).await;
+    await_all(after, Duration::from_secs(30)).await;
+    assert!(sink.is_healthy());
+
+    assert_eq!(row_count(db.url()).await, 60);
+    let msgs = stream_messages(&js, RAW_STREAM).await;
+    let ids: std::collections::HashSet<String> = msgs.iter().map(msg_id).collect();
+    assert_eq!(msgs.len(), 60, "each message exactly once in the stream");
+    assert_eq!(ids.len(), 60);
+    sink.close();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn postgres_outage_is_waited_out_and_everything_lands_once() {
+    let mut pg = PgServer::start().await;
+    let url = pg.create_database("argus").await;
+    prepare_db(&url).await;
+    let nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(&url), js.clone());
+
+    let rs = readings(60, "pg-outage");
+    let before = trickle(&sink, &rs[..20], Duration::from_millis(2)).await;
+    await_all(before, Duration::from_secs(20)).await;
+
+    pg.stop().await;
+    let during = trickle(&sink, &rs[20..40], Duration::from_millis(2)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!sink.is_healthy());
+    assert_eq!(sink.queued(), 20, "nothing resolved while Postgres is down");
+    assert_eq!(
+        stream_messages(&js, RAW_STREAM).await.len(),
+        20,
+        "nothing is published before it is stored"
+    );
+
+    pg.restart().await;
+    let after = trickle(&sink, &rs[40..], Duration::from_millis(2)).await;
+    await_all(during, Duration::from_secs(30)).await;
+    await_all(after, Duration::from_secs(30)).await;
+    assert!(sink.is_healthy());
+
+    assert_eq!(row_count(&url).await, 60);
+    assert_eq!(stream_messages(&js, RAW_STREAM).await.len(), 60);
+    sink.close();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn full_queue_pushes_back_and_close_flushes() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let mut nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let mut cfg = config();
+    cfg.queue_capacity = 10;
+    let (sink, task) = Sink::start(cfg, pool(db.url()), js.clone());
+
+    nats.stop().await;
+    let rs = readings(11, "full");
+    let tickets = enqueue_each(&sink, &rs[..10]).await;
+    // At capacity: try_enqueue hands the unit back, enqueue waits.
+    let back = sink.try_enqueue(vec![rs[10].clone()]).unwrap_err();
+    assert_eq!(back.into_inner().len(), 1);
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            sink.enqueue(vec![rs[10].clone()])
+        )
+        .await
+        .is_err(),
+        "enqueue waits for capacity"
+    );
+
+    nats.restart().await;
+    let last = sink.enqueue(vec![rs[10].clone()]).await.unwrap();
+    sink.close();
+    assert!(sink.try_enqueue(vec![rs[0].clone()]).is_err());
+    await_all(tickets, Duration::from_secs(30)).await;
+    last.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row_count(db.url()).await, 11);
+    assert_eq!(stream_messages(&js, RAW_STREAM).await.len(), 11);
+}

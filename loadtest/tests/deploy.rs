@@ -1,0 +1,286 @@
+//! Checks of the production deployment files (compose/docker-compose.yml, the EMQX,
+//! Prometheus and Grafana configuration), since no Docker engine runs here.
+//!
+//! The metric check scrapes the running local stack (`compose/test` starts it and
+//! exports `.stack/env`): every metric the dashboard or an alert queries must be one the
+//! bridge or the sidecar really exports.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_yaml::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn compose() -> Value {
+    let text = std::fs::read_to_string(repo().join("compose/docker-compose.yml")).unwrap();
+    serde_yaml::from_str(&text).expect("compose/docker-compose.yml parses as YAML")
+}
+
+/// Services with YAML merge keys (`<<: *anchor`) resolved.
+fn services() -> Vec<(String, Value)> {
+    let mut doc = compose();
+    doc.apply_merge().unwrap();
+    doc["services"]
+        .as_mapping()
+        .expect("a services mapping")
+        .iter()
+        .map(|(k, v)| (k.as_str().unwrap().to_string(), v.clone()))
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_service_has_a_pinned_image_or_build_and_a_health_check() {
+    let services = services();
+    let names: BTreeSet<_> = services.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in [
+        "emqx",
+        "nats-1",
+        "nats-2",
+        "nats-3",
+        "postgres",
+        "redis",
+        "migrate",
+        "bridge",
+        "ingest-http",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(
+            names.contains(expected),
+            "compose has no service {expected}"
+        );
+    }
+    for (name, svc) in &services {
+        let image = svc["image"].as_str();
+        assert!(
+            image.is_some() || !svc["build"].is_null(),
+            "{name}: neither image nor build"
+        );
+        // `argus:<tag>` is this repository's own image, built from ../Dockerfile.
+        let ours = image.is_some_and(|i| i.starts_with("argus:"));
+        if let (Some(image), true, false) = (image, svc["build"].is_null(), ours) {
+            let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+            assert!(
+                tag.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit() || c == 'v')
+                    && tag != "latest",
+                "{name}: image {image} is not pinned to a version"
+            );
+        }
+        let test = strings(&svc["healthcheck"]["test"]);
+        assert!(!test.is_empty(), "{name}: no health check");
+    }
+}
+
+#[test]
+fn nats_is_a_three_node_cluster_at_2_10_23_or_later() {
+    for (name, svc) in services().iter().filter(|(n, _)| n.starts_with("nats-")) {
+        if name == "nats-exporter" {
+            continue;
+        }
+        let image = svc["image"].as_str().unwrap();
+        let version = image.split(':').nth(1).unwrap().trim_end_matches("-alpine");
+        let parts: Vec<u32> = version.split('.').map(|p| p.parse().unwrap()).collect();
+        assert!(
+            parts >= vec![2, 10, 23],
+            "{name}: {image} is older than 2.10.23 (earlier 2.10 releases lose data on a crash)"
+        );
+    }
+    let conf = std::fs::read_to_string(repo().join("compose/nats/nats.conf")).unwrap();
+    for node in ["nats-1", "nats-2", "nats-3"] {
+        assert!(
+            conf.contains(&format!("nats-route://{node}:6222")),
+            "no route to {node}"
+        );
+    }
+    assert!(conf.contains("jetstream"));
+}
+
+#[test]
+fn every_mounted_file_exists_and_pki_is_never_baked_in() {
+    let compose_dir = repo().join("compose");
+    for (name, svc) in services() {
+        for volume in strings(&svc["volumes"]) {
+            let source = volume.split(':').next().unwrap();
+            if source.starts_with("${ARGUS_PKI_DIR") {
+                continue; // operator-provided certificates: docs/setup.md says how to make them
+            }
+            if source.starts_with('.') {
+                let path = compose_dir.join(source);
+                assert!(path.exists(), "{name}: mounted {source} does not exist");
+            }
+        }
+    }
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("USER argus"),
+        "the runtime image must not run as root"
+    );
+    let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    assert!(
+        ignore.contains("*.key"),
+        "keys must never enter the build context"
+    );
+}
+
+#[test]
+fn env_example_lists_every_variable_and_secrets_have_no_defaults() {
+    let text = std::fs::read_to_string(repo().join("compose/docker-compose.yml")).unwrap();
+    let example = std::fs::read_to_string(repo().join("compose/.env.example")).unwrap();
+    let listed: std::collections::BTreeMap<&str, &str> = example
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let mut rest = text.as_str();
+    let mut seen = 0;
+    while let Some(start) = rest.find("${") {
+        let end = rest[start..].find('}').unwrap() + start;
+        let expr = &rest[start + 2..end];
+        let name = expr
+            .split(|c| c == ':' || c == '-' || c == '?')
+            .next()
+            .unwrap();
+        assert!(
+            listed.contains_key(name),
+            ".env.example does not list {name}"
+        );
+        if expr.contains(":?") {
+            assert_eq!(
+                listed[name], "",
+                "secret {name} must have no working default"
+            );
+        }
+        seen += 1;
+        rest = &rest[end..];
+    }
+    assert!(seen > 5);
+}
+
+#[test]
+fn emqx_config_has_every_security_setting() {
+    let conf = std::fs::read_to_string(repo().join("compose/emqx/emqx.conf")).unwrap();
+    let flat: String = conf
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for needle in [
+        "verify = verify_peer",
+        "fail_if_no_peer_cert = true",
+        "enable_crl_check = true",
+        "peer_cert_as_clientid = cn",
+        "peer_cert_as_username = cn",
+        "no_match = deny",
+        "max_inflight",
+    ] {
+        assert!(flat.contains(needle), "emqx.conf lacks `{needle}`");
+    }
+    for listener in ["tcp", "ws"] {
+        assert!(
+            flat.contains(&format!("listeners.{listener}.default {{ enable = false"))
+                || flat.contains(&format!("listeners.{listener}.default.enable = false")),
+            "emqx.conf does not disable the plain {listener} listener"
+        );
+    }
+    let acl = std::fs::read_to_string(repo().join("compose/emqx/acl.conf")).unwrap();
+    assert!(
+        acl.contains("devices/${clientid}/telemetry")
+            || acl.contains("devices/${username}/telemetry")
+    );
+    assert!(
+        acl.contains("{deny, all}"),
+        "acl.conf must end by denying everything else"
+    );
+}
+
+/// Every `argus_*` metric name in the dashboard and the Prometheus config.
+fn queried_metrics() -> BTreeSet<String> {
+    let dashboard =
+        std::fs::read_to_string(repo().join("compose/grafana/dashboards/argus.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut names = BTreeSet::new();
+    for panel in json["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for token in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if token.starts_with("argus_") {
+                    let base = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| token.strip_suffix(s))
+                        .unwrap_or(token);
+                    names.insert(base.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+async fn scrape(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("scrape {url}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_dashboard_metric_is_exported_by_the_running_stack() {
+    let bridges = std::env::var("BRIDGE_METRICS_URLS").expect(
+        "BRIDGE_METRICS_URLS is not set: run through compose/test, which starts the stack and exports .stack/env",
+    );
+    let http =
+        std::env::var("INGEST_HTTP_URL").expect("INGEST_HTTP_URL is not set (run compose/test)");
+    let mut exported = String::new();
+    for url in bridges.split(',') {
+        exported.push_str(&scrape(&format!("{}/metrics", url.trim_end_matches('/'))).await);
+    }
+    exported.push_str(&scrape(&format!("{}/metrics", http.trim_end_matches('/'))).await);
+    let exported_names: BTreeSet<&str> = exported
+        .lines()
+        .filter(|l| l.starts_with("# TYPE "))
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    let queried = queried_metrics();
+    assert!(
+        queried.len() >= 10,
+        "dashboard queries too few metrics: {queried:?}"
+    );
+    let missing: Vec<_> = queried
+        .iter()
+        .filter(|m| !exported_names.contains(m.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics nobody exports: {missing:?}\nexported: {exported_names:?}"
+    );
+    // Histograms the dashboard takes quantiles of must be real histograms (with buckets).
+    for name in queried.iter() {
+        if exported.contains(&format!("{name}_bucket")) {
+            continue;
+        }
+        assert!(
+            !exported.contains(&format!("# TYPE {name} summary")),
+            "{name} is exported as a summary, but the dashboard needs buckets"
+        );
+    }
+}
