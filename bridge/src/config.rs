@@ -476,6 +476,13 @@ mod tests {
     }
 
     fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        // The flags' env twins would leak a shell's (or compose/test's) settings into
+        // these cases: parse from the arguments alone.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("MQTT_") || name.starts_with("ARGUS_BRIDGE_") {
+                std::env::remove_var(name);
+            }
+        }
         let mut args = base();
         args.extend_from_slice(extra);
         Cli::try_parse_from(args).expect("clap").into_config()

@@ -5,6 +5,9 @@
 //! exports `.stack/env`): every metric the dashboard or an alert queries must be one the
 //! bridge or the sidecar really exports.
 
+// Helpers below unwrap freely: a malformed deployment file should fail the test loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -151,10 +154,7 @@ fn env_example_lists_every_variable_and_secrets_have_no_defaults() {
     while let Some(start) = rest.find("${") {
         let end = rest[start..].find('}').unwrap() + start;
         let expr = &rest[start + 2..end];
-        let name = expr
-            .split(|c| c == ':' || c == '-' || c == '?')
-            .next()
-            .unwrap();
+        let name = expr.split([':', '-', '?']).next().unwrap();
         assert!(
             listed.contains_key(name),
             ".env.example does not list {name}"
@@ -243,41 +243,97 @@ async fn scrape(url: &str) -> String {
         .unwrap()
 }
 
-#[tokio::test]
-async fn every_dashboard_metric_is_exported_by_the_running_stack() {
-    let bridges = std::env::var("BRIDGE_METRICS_URLS").expect(
-        "BRIDGE_METRICS_URLS is not set: run through compose/test, which starts the stack and exports .stack/env",
-    );
-    let http =
-        std::env::var("INGEST_HTTP_URL").expect("INGEST_HTTP_URL is not set (run compose/test)");
+fn stack_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run through compose/test, which starts the stack and exports .stack/env")
+    })
+}
+
+/// One MQTT message (over mTLS, as the demo device) and one HTTP reading, so the
+/// histograms the dashboard reads have samples to export.
+async fn send_traffic() {
+    let url = stack_var("MQTT_URL");
+    let port = url.rsplit(':').next().unwrap();
+    let device = stack_var("DEMO_DEVICE_ID");
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", port, "-q", "1"])
+        .args(["--cafile", &stack_var("MQTT_CA_FILE")])
+        .args(["--cert", &stack_var("DEMO_DEVICE_CERT")])
+        .args(["--key", &stack_var("DEMO_DEVICE_KEY")])
+        .args(["-t", &format!("devices/{device}/telemetry")])
+        .args([
+            "-m",
+            &format!(r#"{{"deployCheck": "{}"}}"#, uuid::Uuid::new_v4()),
+        ])
+        .status()
+        .expect("run mosquitto_pub");
+    assert!(status.success(), "mosquitto_pub failed");
+
+    let http = stack_var("INGEST_HTTP_URL");
+    let client = reqwest::Client::new();
+    let key: serde_json::Value = client
+        .post(format!("{http}/api/v1/devices/{device}/api-keys"))
+        .bearer_auth(stack_var("ARGUS_ADMIN_TOKEN"))
+        .json(&serde_json::json!({"expiresInDays": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["key"].as_str().expect("a new API key").to_string();
+    let response = client
+        .post(format!("{http}/api/v1/telemetry/ingest"))
+        .header("X-API-Key", key)
+        .json(&serde_json::json!({"deviceId": device, "metrics": {"deployCheck": 1}, "messageId": uuid::Uuid::new_v4().to_string()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "HTTP ingest of the deploy check");
+}
+
+/// The metric names (`# TYPE` lines) and the full text of every component's `/metrics`.
+async fn scrape_all() -> (BTreeSet<String>, String) {
     let mut exported = String::new();
-    for url in bridges.split(',') {
+    for url in stack_var("BRIDGE_METRICS_URLS").split(',') {
         exported.push_str(&scrape(&format!("{}/metrics", url.trim_end_matches('/'))).await);
     }
+    let http = stack_var("INGEST_HTTP_URL");
     exported.push_str(&scrape(&format!("{}/metrics", http.trim_end_matches('/'))).await);
-    let exported_names: BTreeSet<&str> = exported
+    let names = exported
         .lines()
         .filter(|l| l.starts_with("# TYPE "))
         .filter_map(|l| l.split_whitespace().nth(2))
+        .map(String::from)
         .collect();
+    (names, exported)
+}
+
+#[tokio::test]
+async fn every_dashboard_metric_is_exported_by_the_running_stack() {
     let queried = queried_metrics();
     assert!(
         queried.len() >= 10,
         "dashboard queries too few metrics: {queried:?}"
     );
-    let missing: Vec<_> = queried
-        .iter()
-        .filter(|m| !exported_names.contains(m.as_str()))
-        .collect();
+    send_traffic().await;
+    // The bridge that took the message exports its histograms once the batch is acked.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (names, exported) = loop {
+        let (names, exported) = scrape_all().await;
+        let complete = queried.iter().all(|m| names.contains(m));
+        if complete || std::time::Instant::now() > deadline {
+            break (names, exported);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    let missing: Vec<_> = queried.iter().filter(|m| !names.contains(*m)).collect();
     assert!(
         missing.is_empty(),
-        "the dashboard queries metrics nobody exports: {missing:?}\nexported: {exported_names:?}"
+        "the dashboard queries metrics nobody exports: {missing:?}\nexported: {names:?}"
     );
     // Histograms the dashboard takes quantiles of must be real histograms (with buckets).
-    for name in queried.iter() {
-        if exported.contains(&format!("{name}_bucket")) {
-            continue;
-        }
+    for name in &queried {
         assert!(
             !exported.contains(&format!("# TYPE {name} summary")),
             "{name} is exported as a summary, but the dashboard needs buckets"
