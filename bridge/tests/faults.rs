@@ -95,9 +95,13 @@ async fn broker_restarted_mid_stream() {
     let mut stack = Stack::start(false).await;
     let bridge = stack.bridge_in_process(0).await;
     let publisher = Arc::new(stack.device(DEMO_DEVICE_ID));
-    let total = 2000;
-    let (expected, task) = publish_in_background(publisher.clone(), "broker", 0..total);
+    let (first, second) = (3000, 1000);
 
+    // Phase 1: the broker holds these (acked to the device) while the bridge works
+    // through them; it is stopped mid-stream, with messages queued and in flight.
+    let (mut expected, task) = publish_in_background(publisher.clone(), "broker", 0..first);
+    task.await.unwrap();
+    publisher.wait_acked(first, Duration::from_secs(60)).await;
     wait_rows_at_least(&stack, 200, Duration::from_secs(30)).await;
     // SIGTERM: Mosquitto writes its persistence file (sessions, queued
     // messages) and comes back with it.
@@ -105,9 +109,16 @@ async fn broker_restarted_mid_stream() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.mq.restart().await;
 
+    // Phase 2, once the bridge has resubscribed. (Mosquitto 2.0 routes nothing to a
+    // shared-subscription session restored from its persistence file until the member
+    // reconnects: what devices publish in that gap is acknowledged and dropped. This is
+    // a stand-in broker limit, documented in docs/reliability.md; not the bridge's.)
+    wait_ready(bridge.metrics_addr.port(), Duration::from_secs(30)).await;
+    let (more, task) = publish_in_background(publisher.clone(), "broker", first..first + second);
+    expected.extend(more);
     task.await.unwrap();
-    publisher.wait_acked(total, Duration::from_secs(60)).await;
-    wait_stored(&stack, total, Duration::from_secs(60)).await;
+    publisher.wait_acked(first + second, Duration::from_secs(60)).await;
+    wait_stored(&stack, first + second, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_exactly_once(&stack, &expected).await;
     let metrics = argus_bridge::server::prometheus_handle().render();

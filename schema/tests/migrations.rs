@@ -824,6 +824,34 @@ async fn cli_unreachable_server_names_host_and_database_but_not_the_password() {
 }
 
 #[tokio::test]
+async fn cli_wrong_password_names_host_and_database_but_not_the_password() {
+    let server = argus_testkit::pg::PgServer::start_with_password("the-right-one").await;
+    let right = server.url("postgres");
+    let wrong = right.replace("the-right-one", "pw-wrong-must-not-leak");
+    let run = run_cli(&["status"], &wrong);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!("127.0.0.1:{}", server.port())),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("postgres"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("password authentication failed"),
+        "{}",
+        run.stderr
+    );
+    for secret in ["pw-wrong-must-not-leak", "the-right-one"] {
+        assert!(!run.stderr.contains(secret), "{}", run.stderr);
+        assert!(!run.stdout.contains(secret), "{}", run.stdout);
+    }
+    // The right password gets through (so the failure above was the password).
+    let run = run_cli(&["migrate"], &right);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}
+
+#[tokio::test]
 async fn cli_missing_database_is_one_clear_line() {
     let db = TestDb::create().await;
     let missing = format!("{}_missing", db.name());

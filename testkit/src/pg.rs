@@ -133,10 +133,22 @@ pub struct PgServer {
     port: u16,
     dir: TempDir,
     server: Option<Server>,
+    /// With [`PgServer::start_with_password`]: loopback TCP logins need this password.
+    password: Option<String>,
 }
 
 impl PgServer {
     pub async fn start() -> PgServer {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`PgServer::start`], but TCP logins need `password` (scram-sha-256), so a
+    /// test can present a wrong one. [`PgServer::url`] includes the right password.
+    pub async fn start_with_password(password: &str) -> PgServer {
+        Self::start_inner(Some(password.to_string())).await
+    }
+
+    async fn start_inner(password: Option<String>) -> PgServer {
         let dir = tempfile::Builder::new()
             .prefix("argus-pg-")
             .tempdir()
@@ -155,8 +167,26 @@ impl PgServer {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .args(["-U", "postgres", "--no-sync", "-E", "UTF8"])
             .stdout(std::process::Stdio::null());
+        match &password {
+            None => {
+                initdb.args(["-A", "trust"]);
+            }
+            Some(pw) => {
+                let pwfile = dir.path().join("pwfile");
+                std::fs::write(&pwfile, pw).expect("write pwfile");
+                if running_as_root() {
+                    let _ = Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(&pwfile)
+                        .status();
+                }
+                initdb
+                    .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+                    .arg(format!("--pwfile={}", pwfile.display()));
+            }
+        }
         let out = initdb.output().expect("run initdb");
         assert!(
             out.status.success(),
@@ -167,6 +197,7 @@ impl PgServer {
             port: free_port(),
             dir,
             server: None,
+            password,
         };
         pg.restart().await;
         pg
@@ -176,9 +207,13 @@ impl PgServer {
         self.port
     }
 
-    /// `postgres://postgres@127.0.0.1:PORT/<dbname>`.
+    /// `postgres://postgres@127.0.0.1:PORT/<dbname>` (with the password, if the server has one).
     pub fn url(&self, dbname: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
+        let credentials = match &self.password {
+            Some(pw) => format!("postgres:{pw}"),
+            None => "postgres".to_string(),
+        };
+        format!("postgres://{credentials}@127.0.0.1:{}/{dbname}", self.port)
     }
 
     /// Creates a database (no-op if it exists) and returns its URL.
