@@ -117,7 +117,9 @@ async fn broker_restarted_mid_stream() {
     let (more, task) = publish_in_background(publisher.clone(), "broker", first..first + second);
     expected.extend(more);
     task.await.unwrap();
-    publisher.wait_acked(first + second, Duration::from_secs(60)).await;
+    publisher
+        .wait_acked(first + second, Duration::from_secs(60))
+        .await;
     wait_stored(&stack, first + second, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_exactly_once(&stack, &expected).await;
