@@ -41,7 +41,7 @@ INGEST_HTTP_URL="http://127.0.0.1:$HTTP_PORT"
 STOP_ORDER=(crl-watch ingest-http bridge-1 bridge-0 mosquitto nats-2 nats-1 nats-0 redis postgres)
 
 # Debian packages the stack runs on.
-STACK_PACKAGES=(postgresql redis-server redis-tools nats-server mosquitto mosquitto-clients openssl curl gcc)
+STACK_PACKAGES=(postgresql redis-server redis-tools nats-server mosquitto mosquitto-clients openssl curl gcc jq iproute2)
 
 if [[ -t 1 ]]; then
   C_B=$'\e[1m' C_G=$'\e[32m' C_R=$'\e[31m' C_Y=$'\e[33m' C_0=$'\e[0m'

@@ -91,11 +91,25 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let store = self.dir.path().join("store");
+        // The plan's six streams reserve 28 GiB of max_bytes on every replica. With no
+        // limit set, nats-server sizes JetStream from the free disk and refuses them on a
+        // small disk; an explicit limit (nothing is preallocated) keeps tests independent
+        // of the disk.
+        let config = self.dir.path().join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "jetstream {{\n  store_dir: \"{}\"\n  max_file_store: 64GB\n  max_memory_store: 4GB\n}}\n",
+                store.display()
+            ),
+        )
+        .expect("write nats.conf");
         let mut cmd = Command::new(find_binary("nats-server"));
-        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+        cmd.arg("-c")
+            .arg(&config)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()])
-            .args(["-n", &self.name, "-js", "-sd"])
-            .arg(&store);
+            .args(["-n", &self.name]);
         if let Some(cluster) = &self.cluster {
             let routes: Vec<String> = cluster
                 .routes

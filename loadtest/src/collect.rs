@@ -1,0 +1,221 @@
+//! Reading a run back from every store: JetStream (`TELEMETRY_RAW_V1`, `TELEMETRY_DLQ`)
+//! through the test's own ephemeral ordered consumers, and `telemetry_raw` in Postgres.
+//!
+//! The consumers are created *before* the first publish with `DeliverPolicy::New`, so they
+//! see every message of the run and nothing older. Messages of other runs (a shared stack)
+//! are skipped by their `runId`.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
+use futures::StreamExt;
+use uuid::Uuid;
+
+use crate::accounting::Counts;
+use crate::latency::Latencies;
+use crate::payload::{find_marker_in_record, now_ns};
+
+/// Raw stream subject prefix (`telemetry.raw.v1.<deviceId>`).
+pub const RAW_SUBJECT_PREFIX: &str = "telemetry.raw.v1";
+/// Dead-letter subjects (`telemetry.dlq.<reason>`).
+pub const DLQ_SUBJECTS: &str = "telemetry.dlq.>";
+/// Up to this many devices get one consumer each, filtered on the device's own subject;
+/// above it one consumer reads `telemetry.raw.v1.>` and skips other runs' messages
+/// (nats-server 2.9 has no multi-subject filters).
+pub const MAX_PER_DEVICE_CONSUMERS: usize = 16;
+
+/// What the consumers have seen so far.
+#[derive(Default)]
+pub struct Seen {
+    pub counts: Counts,
+    pub latencies: Option<Latencies>,
+    pub last_seen_ns: u64,
+}
+
+pub type SharedSeen = Arc<Mutex<Seen>>;
+
+pub async fn connect_nats(urls: &str) -> anyhow::Result<async_nats::Client> {
+    let addrs = urls
+        .split(',')
+        .map(|u| u.trim().replace('\\', ""))
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("--nats-urls: invalid URL `{u}`"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!addrs.is_empty(), "--nats-urls: no URL given");
+    async_nats::ConnectOptions::new()
+        .name("argus-loadtest")
+        .connect(addrs)
+        .await
+        .with_context(|| format!("connecting to NATS at {urls}"))
+}
+
+/// Starts consumers on `stream` for `filters`; every message whose payload carries this
+/// run's marker is counted in `seen` (and its latency recorded when `latency_start_ns` is set).
+pub async fn spawn_collector(
+    js: &jetstream::Context,
+    stream: &str,
+    filters: Vec<String>,
+    run_id: &str,
+    latency_start_ns: Option<u64>,
+) -> anyhow::Result<SharedSeen> {
+    let seen: SharedSeen = Arc::new(Mutex::new(Seen {
+        latencies: latency_start_ns.map(Latencies::new),
+        ..Seen::default()
+    }));
+    let s = js.get_stream(stream).await.with_context(|| {
+        format!("stream {stream} not found (run `argus-schema streams apply` first)")
+    })?;
+    for filter in filters {
+        let consumer = s
+            .create_consumer(OrderedConfig {
+                filter_subject: filter.clone(),
+                deliver_policy: DeliverPolicy::New,
+                description: Some(format!("argus-loadtest run {run_id}")),
+                ..OrderedConfig::default()
+            })
+            .await
+            .with_context(|| format!("creating a consumer on {stream} for {filter}"))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .with_context(|| format!("consuming {stream}"))?;
+        let seen = seen.clone();
+        let run_id = run_id.to_string();
+        let stream = stream.to_string();
+        tokio::spawn(async move {
+            while let Some(next) = messages.next().await {
+                let msg = match next {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(%stream, error = %e, "Consumer error; the ordered consumer recreates itself.");
+                        continue;
+                    }
+                };
+                let at = now_ns();
+                let Some(marker) = find_marker_in_record(&msg.payload, &run_id) else {
+                    continue;
+                };
+                // A poisoned lock only means another collector task panicked; keep counting.
+                let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
+                let n = g.counts.entry(marker.seq).or_insert(0);
+                *n += 1;
+                let first = *n == 1;
+                if first {
+                    if let Some(l) = g.latencies.as_mut() {
+                        l.record(marker.sent_at_ns, at);
+                    }
+                    g.last_seen_ns = g.last_seen_ns.max(at);
+                }
+            }
+        });
+    }
+    Ok(seen)
+}
+
+/// The consumer filters for the raw stream, per [`MAX_PER_DEVICE_CONSUMERS`].
+pub fn raw_filters(devices: &[Uuid]) -> Vec<String> {
+    if devices.len() <= MAX_PER_DEVICE_CONSUMERS {
+        devices
+            .iter()
+            .map(|d| format!("{RAW_SUBJECT_PREFIX}.{d}"))
+            .collect()
+    } else {
+        vec![format!("{RAW_SUBJECT_PREFIX}.>")]
+    }
+}
+
+/// Rows of this run in `telemetry_raw`: occurrences per `seq` (MQTT payloads carry it at the
+/// top level, HTTP readings under `metadata`).
+pub async fn postgres_counts(
+    pg: &tokio_postgres::Client,
+    devices: &[Uuid],
+    run_id: &str,
+) -> anyhow::Result<Counts> {
+    let rows = pg
+        .query(
+            "SELECT coalesce(payload->>'seq', payload->'metadata'->>'seq')::int8 AS seq, count(*)::int8 \
+             FROM telemetry_raw \
+             WHERE device_id = ANY($1) \
+               AND coalesce(payload->>'runId', payload->'metadata'->>'runId') = $2 \
+             GROUP BY 1",
+            &[&devices, &run_id],
+        )
+        .await
+        .context("counting the run's rows in telemetry_raw")?;
+    let mut out = Counts::new();
+    for r in rows {
+        let seq: Option<i64> = r.get(0);
+        let n: i64 = r.get(1);
+        if let Some(seq) = seq {
+            out.insert(seq as u64, n as u32);
+        }
+    }
+    Ok(out)
+}
+
+/// Rows per second written for the run: row count over the span of `created_at` (the commit
+/// times of the bridge's batches). `None` when fewer than two distinct commit times exist.
+pub async fn postgres_write_rate(
+    pg: &tokio_postgres::Client,
+    devices: &[Uuid],
+    run_id: &str,
+) -> Option<f64> {
+    let row = pg
+        .query_one(
+            "SELECT count(*)::int8, extract(epoch FROM max(created_at) - min(created_at))::float8 \
+             FROM telemetry_raw \
+             WHERE device_id = ANY($1) \
+               AND coalesce(payload->>'runId', payload->'metadata'->>'runId') = $2",
+            &[&devices, &run_id],
+        )
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "Cannot compute the Postgres write rate."))
+        .ok()?;
+    let n: i64 = row.get(0);
+    let span: Option<f64> = row.get(1);
+    match span {
+        Some(s) if s > 0.0 && n > 1 => Some(n as f64 / s),
+        _ => None,
+    }
+}
+
+pub async fn connect_pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| "connecting to Postgres (--database-url)".to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "Postgres connection ended.");
+        }
+    });
+    Ok(client)
+}
+
+/// Snapshot of a shared `Seen`'s counts.
+pub fn counts_of(seen: &SharedSeen) -> Counts {
+    seen.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .counts
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn few_devices_get_their_own_subjects_many_share_the_wildcard() {
+        let few: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let f = raw_filters(&few);
+        assert_eq!(f.len(), 3);
+        assert_eq!(f[0], format!("telemetry.raw.v1.{}", few[0]));
+        let many: Vec<Uuid> = (0..MAX_PER_DEVICE_CONSUMERS + 1)
+            .map(|_| Uuid::new_v4())
+            .collect();
+        assert_eq!(raw_filters(&many), vec!["telemetry.raw.v1.>".to_string()]);
+    }
+}

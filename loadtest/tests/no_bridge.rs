@@ -1,0 +1,130 @@
+//! A run whose messages cannot arrive: a private Mosquitto (mTLS) + NATS + Postgres and no
+//! bridge. The broker acks every message, nothing reaches the stores, so the load tester must
+//! report every acked message as lost and exit non-zero.
+
+use std::process::Command;
+
+use argus_testkit::mosquitto::Mosquitto;
+use argus_testkit::nats::NatsServer;
+use argus_testkit::pg::TestDb;
+
+const MTLS_CONFIG: &str = "per_listener_settings false
+listener {port} 127.0.0.1
+cafile {dir}/pki/ca.crt
+certfile {dir}/pki/server.crt
+keyfile {dir}/pki/server.key
+require_certificate true
+use_identity_as_username true
+allow_anonymous false
+persistence false
+max_inflight_messages 1000
+max_queued_messages 0
+log_dest stderr
+";
+
+struct Env {
+    db: TestDb,
+    nats: NatsServer,
+    mq: Mosquitto,
+    pki: std::path::PathBuf,
+}
+
+async fn env() -> Env {
+    let db = TestDb::create().await;
+    {
+        let mut c = db.client().await;
+        argus_schema::migrate::migrate(&mut c)
+            .await
+            .expect("migrate");
+        argus_schema::seed::seed(&mut c).await.expect("seed");
+    }
+    let nats = NatsServer::start().await;
+    let nc = async_nats::connect(nats.url()).await.expect("nats");
+    argus_schema::streams::apply(&nc, Some(1))
+        .await
+        .expect("streams apply");
+    let dir = tempfile::Builder::new()
+        .prefix("argus-loadtest-")
+        .tempdir()
+        .expect("tempdir");
+    let pki = dir.path().join("pki");
+    argus_pki::Ca::init(&pki, &[]).expect("pki init");
+    let mq = Mosquitto::start_in(dir, MTLS_CONFIG).await;
+    Env { db, nats, mq, pki }
+}
+
+fn loadtest(e: &Env, sub: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_argus-loadtest"));
+    c.arg(sub)
+        .args(["--quiet", "--pid-dir", "/nonexistent"])
+        .arg("--mqtt-url")
+        .arg(format!("mqtts://127.0.0.1:{}", e.mq.port()))
+        .arg("--mqtt-ca-file")
+        .arg(e.pki.join("ca.crt"))
+        .arg("--pki-dir")
+        .arg(&e.pki)
+        .arg("--database-url")
+        .arg(e.db.url())
+        .arg("--nats-urls")
+        .arg(e.nats.url())
+        .env_remove("ARGUS_LOADTEST_BRIDGE_PIDS");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_measures_each_part_alone() {
+    let e = env().await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let json = out_dir.path().join("baseline.json");
+    let status = loadtest(&e, "baseline")
+        .args(["--count", "1000", "--devices", "2", "--bridge-rate", "5000"])
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .expect("run argus-loadtest baseline");
+    assert!(status.success());
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report written")).unwrap();
+    for f in [
+        "broker_msgs_per_s",
+        "copy_rows_per_s",
+        "jetstream_msgs_per_s",
+        "per_message_msgs_per_s",
+        "pipeline_efficiency",
+        "multiple_of_per_message",
+    ] {
+        assert!(r[f].as_f64().unwrap_or(0.0) > 0.0, "{f}: {r:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_that_never_arrive_are_lost_and_the_exit_code_says_so() {
+    let e = env().await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let json = out_dir.path().join("report.json");
+    let status = loadtest(&e, "mqtt")
+        .args([
+            "--devices",
+            "3",
+            "--count",
+            "150",
+            "--rate",
+            "max",
+            "--settle",
+            "1s",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .expect("run argus-loadtest");
+    assert_eq!(status.code(), Some(1), "a run with losses must exit 1");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report written")).unwrap();
+    assert_eq!(report["sent"], 150, "{report:#}");
+    assert_eq!(report["acked"], 150, "{report:#}");
+    assert_eq!(report["persisted"], 0);
+    assert_eq!(report["published"], 0);
+    assert_eq!(report["dead_lettered"], 0);
+    assert_eq!(report["lost"], 150);
+    assert_eq!(report["passed"], false);
+}
