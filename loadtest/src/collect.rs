@@ -69,47 +69,91 @@ pub async fn spawn_collector(
     let s = js.get_stream(stream).await.with_context(|| {
         format!("stream {stream} not found (run `argus-schema streams apply` first)")
     })?;
+    // Where `DeliverPolicy::New` starts: used when a consumer has to be made again.
+    let start_after = s.cached_info().state.last_sequence;
     for filter in filters {
+        let config = OrderedConfig {
+            filter_subject: filter.clone(),
+            deliver_policy: DeliverPolicy::New,
+            description: Some(format!("argus-loadtest run {run_id}")),
+            ..OrderedConfig::default()
+        };
         let consumer = s
-            .create_consumer(OrderedConfig {
-                filter_subject: filter.clone(),
-                deliver_policy: DeliverPolicy::New,
-                description: Some(format!("argus-loadtest run {run_id}")),
-                ..OrderedConfig::default()
-            })
+            .create_consumer(config.clone())
             .await
             .with_context(|| format!("creating a consumer on {stream} for {filter}"))?;
-        let mut messages = consumer
+        let messages = consumer
             .messages()
             .await
             .with_context(|| format!("consuming {stream}"))?;
         let seen = seen.clone();
         let run_id = run_id.to_string();
-        let stream = stream.to_string();
+        let stream_name = stream.to_string();
+        let s = s.clone();
         tokio::spawn(async move {
-            while let Some(next) = messages.next().await {
-                let msg = match next {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(%stream, error = %e, "Consumer error; the ordered consumer recreates itself.");
+            // The ordered consumer recreates itself on most faults; should its stream ever
+            // end, a new one starts after the last stream sequence seen, and nothing already
+            // counted is counted again.
+            let mut last = start_after;
+            let mut messages = Some(messages);
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                let mut msgs = match messages.take() {
+                    Some(m) => m,
+                    None => {
+                        let again = OrderedConfig {
+                            deliver_policy: DeliverPolicy::ByStartSequence {
+                                start_sequence: last + 1,
+                            },
+                            ..config.clone()
+                        };
+                        let made = match s.create_consumer(again).await {
+                            Ok(c) => c.messages().await.map_err(anyhow::Error::from),
+                            Err(e) => Err(anyhow::Error::from(e)),
+                        };
+                        match made {
+                            Ok(m) => m,
+                            Err(e) => {
+                                tracing::warn!(stream = %stream_name, error = %e, "Cannot make the consumer again; retrying.");
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                while let Some(next) = msgs.next().await {
+                    let msg = match next {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(stream = %stream_name, error = %e, "Consumer error; the ordered consumer recreates itself.");
+                            continue;
+                        }
+                    };
+                    backoff = std::time::Duration::from_millis(100);
+                    if let Ok(info) = msg.info() {
+                        if info.stream_sequence <= last {
+                            continue;
+                        }
+                        last = info.stream_sequence;
+                    }
+                    let at = now_ns();
+                    let Some(marker) = find_marker_in_record(&msg.payload, &run_id) else {
                         continue;
+                    };
+                    // A poisoned lock only means another collector task panicked; keep counting.
+                    let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = g.counts.entry(marker.seq).or_insert(0);
+                    *n += 1;
+                    let first = *n == 1;
+                    if first {
+                        if let Some(l) = g.latencies.as_mut() {
+                            l.record(marker.sent_at_ns, at);
+                        }
+                        g.last_seen_ns = g.last_seen_ns.max(at);
                     }
-                };
-                let at = now_ns();
-                let Some(marker) = find_marker_in_record(&msg.payload, &run_id) else {
-                    continue;
-                };
-                // A poisoned lock only means another collector task panicked; keep counting.
-                let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
-                let n = g.counts.entry(marker.seq).or_insert(0);
-                *n += 1;
-                let first = *n == 1;
-                if first {
-                    if let Some(l) = g.latencies.as_mut() {
-                        l.record(marker.sent_at_ns, at);
-                    }
-                    g.last_seen_ns = g.last_seen_ns.max(at);
                 }
+                tracing::warn!(stream = %stream_name, "Consumer stream ended; making it again.");
             }
         });
     }
@@ -180,6 +224,96 @@ pub async fn postgres_write_rate(
     match span {
         Some(s) if s > 0.0 && n > 1 => Some(n as f64 / s),
         _ => None,
+    }
+}
+
+/// The load tester's own Postgres session for its accounting. The system under test may
+/// restart Postgres or make it refuse connections (the chaos suite's `pg-restart`,
+/// `pg-refuse`): the session is then made again, with a backoff, until the caller's deadline.
+pub struct PgConn {
+    url: String,
+    client: tokio_postgres::Client,
+    /// Sessions made again after the first.
+    pub reconnects: u64,
+}
+
+impl std::ops::Deref for PgConn {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+/// Errors worth another try: the session is gone, or the server is restarting, shutting
+/// down, refusing or out of connections (SQLSTATE classes 08 and 57P, 53300).
+pub fn retryable(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .any(|pe| {
+            pe.is_closed()
+                || pe.code().is_none_or(|c| {
+                    let c = c.code();
+                    c.starts_with("08") || c.starts_with("57P") || c == "53300"
+                })
+        })
+}
+
+impl PgConn {
+    pub async fn connect(url: &str) -> anyhow::Result<PgConn> {
+        Ok(PgConn {
+            url: url.to_string(),
+            client: connect_pg(url).await?,
+            reconnects: 0,
+        })
+    }
+
+    /// Makes the session again if it has ended; errors are for the caller to retry.
+    async fn ensure_open(&mut self) -> anyhow::Result<()> {
+        if self.client.is_closed() {
+            self.client = connect_pg(&self.url).await?;
+            self.reconnects += 1;
+            tracing::info!("Reconnected to Postgres for the accounting.");
+        }
+        Ok(())
+    }
+
+    /// [`postgres_counts`], retried (reconnecting, 100 ms doubling to 2 s) until `deadline`
+    /// while Postgres is away; a non-connection error fails at once.
+    pub async fn counts_until(
+        &mut self,
+        devices: &[Uuid],
+        run_id: &str,
+        deadline: std::time::Instant,
+    ) -> anyhow::Result<Counts> {
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let r = match self.ensure_open().await {
+                Ok(()) => postgres_counts(&self.client, devices, run_id).await,
+                Err(e) => Err(e),
+            };
+            let e = match r {
+                Ok(c) => return Ok(c),
+                Err(e) => e,
+            };
+            let now = std::time::Instant::now();
+            if !retryable(&e) || now >= deadline {
+                return Err(e.context(
+                    "the load tester could not count the run in Postgres before the --settle deadline",
+                ));
+            }
+            tracing::warn!(error = %format!("{e:#}"), "Postgres unavailable for the accounting; retrying.");
+            tokio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+        }
+    }
+
+    /// [`postgres_write_rate`] after making the session again if needed (one try).
+    pub async fn write_rate(&mut self, devices: &[Uuid], run_id: &str) -> Option<f64> {
+        if let Err(e) = self.ensure_open().await {
+            tracing::warn!(error = %format!("{e:#}"), "Cannot compute the Postgres write rate.");
+            return None;
+        }
+        postgres_write_rate(&self.client, devices, run_id).await
     }
 }
 

@@ -84,6 +84,9 @@ pub async fn mqtt(args: &MqttArgs) -> anyhow::Result<Report> {
                 last_send_ns: p.last_send_ns,
                 ack_latency: p.ack_latency,
                 errors: p.errors,
+                reconnects: p.reconnects,
+                resent: p.resent,
+                notes: p.notes,
             })
         })
         .await?;

@@ -164,6 +164,9 @@ pub async fn send(
         last_send_ns: 0,
         ack_latency: Latencies::new(start_ns),
         errors: Vec::new(),
+        reconnects: 0,
+        resent: 0,
+        notes: Vec::new(),
     };
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     for t in tasks {

@@ -22,6 +22,7 @@
 //! - [`stop`]: a stop flag for background tasks.
 
 pub mod accounting;
+pub mod acks;
 pub mod baseline;
 pub mod cli;
 pub mod collect;

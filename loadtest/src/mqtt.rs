@@ -1,32 +1,40 @@
 //! The MQTT publisher: simulated devices over mTLS, QoS 1, one rumqttc connection per group
 //! of `--devices-per-connection` devices, every PUBACK counted by packet id.
 //!
-//! Packet ids are matched to sequence numbers in order: each connection has one publisher,
-//! rumqttc turns requests into `Outgoing::Publish(pkid)` events in request order, so a FIFO of
-//! the sent sequence numbers maps each pkid to its message, and `PubAck(pkid)` marks it acked.
-//! A connection that fails is not reconnected: its unacked messages are reported as unacked
-//! (never as lost), and the error is reported.
+//! Packet ids are matched to sequence numbers in order ([`crate::acks`]): each connection
+//! has one publisher, rumqttc turns requests into `Outgoing::Publish(pkid)` events in request
+//! order, so a FIFO of the handed-over messages maps each pkid to its message, and
+//! `PubAck(pkid)` marks it acked.
+//!
+//! A connection that is lost after it was established (a broker restart, a network fault) is
+//! made again with a short backoff, and every message not acknowledged yet is published again
+//! in the new session (see [`run_connection`]); the broker binds the client id to the
+//! certificate's CN, so each device certificate has one connection at a time. Messages that
+//! are never acknowledged are reported as unacked (never as lost); a connection that cannot be
+//! made at all, or not again within the ack timeout, is reported as an error.
 //!
 //! `--devices-per-connection` > 1 publishes for several devices with the *first* device's
 //! certificate. The stock broker ACL (`pattern write devices/%u/telemetry`) refuses that, and
 //! Mosquitto still PUBACKs refused QoS 1 publishes, so those messages show up as lost: use
 //! it only with a permissive ACL.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::ProgressBar;
 use rumqttc::{
-    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
+    Transport,
 };
+
+use crate::acks::{AckTracker, Msg};
 
 use crate::devices::Device;
 use crate::latency::Latencies;
 use crate::pacing::{Pacer, Rate};
 use crate::payload::{mqtt_payload, now_ns};
-use crate::stop::stop_pair;
+use crate::stop::{stop_pair, StopHandle};
 
 /// Where to connect: `mqtts://host:port` (mTLS) or `mqtt://host:port`.
 #[derive(Debug, Clone)]
@@ -111,15 +119,12 @@ pub struct Published {
     pub last_send_ns: u64,
     pub ack_latency: Latencies,
     pub errors: Vec<String>,
-}
-
-#[derive(Default)]
-struct ConnState {
-    /// Sequence numbers handed to the client, waiting for their `Outgoing::Publish(pkid)`.
-    fifo: VecDeque<(u64, u64)>,
-    by_pkid: HashMap<u16, (u64, u64)>,
-    acked: Vec<u64>,
-    error: Option<String>,
+    /// Sessions re-established after a lost connection, over all connections.
+    pub reconnects: u64,
+    /// Messages published again in a new session because the old one ended before their PUBACK.
+    pub resent: u64,
+    /// Why connections were lost (at most one line per connection).
+    pub notes: Vec<String>,
 }
 
 struct ConnResult {
@@ -129,6 +134,9 @@ struct ConnResult {
     last_send_ns: u64,
     ack_latency: Latencies,
     error: Option<String>,
+    reconnects: u64,
+    resent: u64,
+    note: Option<String>,
 }
 
 /// Publishes `plan` from `devices` (grouped into connections) and waits for the PUBACKs.
@@ -165,6 +173,9 @@ pub async fn publish(
         last_send_ns: 0,
         ack_latency: Latencies::new(start_ns),
         errors: Vec::new(),
+        reconnects: 0,
+        resent: 0,
+        notes: Vec::new(),
     };
     for t in tasks {
         let r = t.await.context("a publisher task panicked")?;
@@ -176,6 +187,9 @@ pub async fn publish(
         }
         out.ack_latency.merge(&r.ack_latency);
         out.errors.extend(r.error);
+        out.reconnects += r.reconnects;
+        out.resent += r.resent;
+        out.notes.extend(r.note);
     }
     if out.first_send_ns == u64::MAX {
         out.first_send_ns = start_ns;
@@ -183,6 +197,33 @@ pub async fn publish(
     Ok(out)
 }
 
+/// First wait before reconnecting after a lost connection; it doubles up to
+/// [`RECONNECT_MAX`] while the broker stays away.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How long a connection attempt may take until its CONNACK.
+const CONNACK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What one session (one rumqttc event loop) of a connection ended with.
+enum SessionEnd {
+    /// Everything generated and acknowledged, or the ack deadline passed: done.
+    Done,
+    /// The connection was lost (or could not be made): reconnect.
+    Lost(String),
+}
+
+/// One connection of the run: a device (or group) that publishes its share of the plan.
+///
+/// Each session is a fresh rumqttc `AsyncClient` + `EventLoop`. When a session's connection is
+/// lost after it had been established, the connection waits (100 ms, doubling up to 2 s) and
+/// connects again, then publishes every message not yet acknowledged again (oldest first;
+/// the bridge's message ids make the copies idempotent) before going on. The pacing is by
+/// the clock, so messages due while the broker was away go out right after the reconnect,
+/// the way a device flushes the readings it buffered. The bookkeeping is [`AckTracker`].
+///
+/// A connection gives up when its *first* connection fails (a setup error: wrong URL, CA or
+/// certificate), or when it cannot reconnect for longer than `plan.ack_timeout`, or when
+/// the ack deadline passes; what is then still unacknowledged is reported as unacked.
 #[allow(clippy::too_many_arguments)]
 async fn run_connection(
     target: Target,
@@ -201,110 +242,235 @@ async fn run_connection(
         last_send_ns: 0,
         ack_latency: Latencies::new(start_ns),
         error: None,
+        reconnects: 0,
+        resent: 0,
+        note: None,
     };
     let client_id = format!("loadtest-{}-{idx}", plan.run_id);
     let opts = target.options(&client_id, &devices[0], plan.inflight);
-    let (client, mut eventloop) = AsyncClient::new(opts, usize::from(plan.inflight.max(1)));
-    let state = Arc::new(Mutex::new(ConnState::default()));
+    let tracker = Arc::new(Mutex::new(AckTracker::default()));
     let latency = Arc::new(Mutex::new(Latencies::new(start_ns)));
+    let mut gen = Generator {
+        idx: idx as u64,
+        n_conns: n_conns as u64,
+        pacer: Pacer::new(start, plan.rate.split(n_conns)),
+        rate_is_max: plan.rate.per_second().is_none(),
+        deadline: plan.duration.map(|d| start + d),
+        count: plan.count,
+        k: 0,
+    };
+    let mut ack_deadline: Option<Instant> = None;
+    // Sessions that got a CONNACK.
+    let mut sessions: u64 = 0;
+    let mut down_since: Option<Instant> = None;
+    let mut backoff = RECONNECT_INITIAL;
+    let mut losses: Vec<String> = Vec::new();
+    loop {
+        // Whatever an earlier session left unacknowledged is published again.
+        lock(&tracker).new_session();
+        let (end, established) = run_session(
+            &opts,
+            &plan,
+            &devices,
+            &mut gen,
+            &mut ack_deadline,
+            &tracker,
+            &latency,
+            &progress,
+            &mut result,
+        )
+        .await;
+        if established {
+            sessions += 1;
+        }
+        let e = match end {
+            SessionEnd::Done => break,
+            SessionEnd::Lost(e) => e,
+        };
+        if sessions == 0 {
+            // Never connected: a setup error (URL, CA, certificate), not a fault under test.
+            result.error = Some(format!("connection {idx}: {e}"));
+            break;
+        }
+        let now = Instant::now();
+        if established {
+            losses.push(e.clone());
+            down_since = Some(now);
+            backoff = RECONNECT_INITIAL;
+        }
+        let since = down_since.unwrap_or(now);
+        if ack_deadline.is_some_and(|d| now >= d) || now.duration_since(since) >= plan.ack_timeout
+        {
+            let outstanding = lock(&tracker).outstanding();
+            result.error = Some(format!(
+                "connection {idx}: gave up reconnecting after {:.1} s ({e}); {outstanding} message(s) unacknowledged",
+                now.duration_since(since).as_secs_f64()
+            ));
+            break;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+    result.reconnects = sessions.saturating_sub(1);
+    if !losses.is_empty() {
+        result.note = Some(format!(
+            "connection {idx}: lost {} time(s), reconnected; first: {}",
+            losses.len(),
+            losses[0]
+        ));
+    }
+    let mut t = lock(&tracker);
+    result.sent = gen.k;
+    result.acked = t.take_acked();
+    result.resent = t.resent;
+    result.ack_latency = std::mem::replace(&mut *lock(&latency), Latencies::new(start_ns));
+    result
+}
+
+/// Which message comes next on one connection, and when.
+struct Generator {
+    idx: u64,
+    n_conns: u64,
+    pacer: Pacer,
+    rate_is_max: bool,
+    deadline: Option<Instant>,
+    count: Option<u64>,
+    /// Messages generated so far on this connection.
+    k: u64,
+}
+
+impl Generator {
+    fn seq(&self) -> u64 {
+        self.idx + self.k * self.n_conns
+    }
+
+    /// True when every message of the plan has been generated. At a fixed rate a message is
+    /// part of the plan when it is due before the deadline (even if a reconnect delays it).
+    fn finished(&self, now: Instant) -> bool {
+        if self.count.is_some_and(|n| self.seq() >= n) {
+            return true;
+        }
+        match self.deadline {
+            None => false,
+            Some(d) if self.rate_is_max => now >= d,
+            Some(d) => self.pacer.due(self.k) >= d,
+        }
+    }
+}
+
+/// One session: connect, publish again what an earlier session left unacknowledged, go on
+/// generating, wait for the PUBACKs. Returns how it ended and whether it got a CONNACK.
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    opts: &MqttOptions,
+    plan: &Plan,
+    devices: &[Device],
+    gen: &mut Generator,
+    ack_deadline: &mut Option<Instant>,
+    tracker: &Arc<Mutex<AckTracker>>,
+    latency: &Arc<Mutex<Latencies>>,
+    progress: &ProgressBar,
+    result: &mut ConnResult,
+) -> (SessionEnd, bool) {
+    let (client, eventloop) = AsyncClient::new(opts.clone(), usize::from(plan.inflight.max(1)));
     let (dead_tx, dead) = stop_pair();
     let (conn_tx, connected) = stop_pair();
-
-    let poll = {
-        let state = state.clone();
-        let latency = latency.clone();
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => conn_tx.stop(),
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        let mut s = lock(&state);
-                        if let Some(v) = s.fifo.pop_front() {
-                            s.by_pkid.insert(pkid, v);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        let now = now_ns();
-                        let hit = lock(&state).by_pkid.remove(&ack.pkid);
-                        if let Some((seq, sent)) = hit {
-                            lock(&state).acked.push(seq);
-                            lock(&latency).record(sent, now);
-                            progress.inc(1);
-                        }
-                    }
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        lock(&state).error = Some(format!("connection {idx}: {e}"));
-                        break;
-                    }
-                }
-            }
-            dead_tx.stop();
-        })
+    let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let mut poll = tokio::spawn(poll_session(
+        eventloop,
+        tracker.clone(),
+        latency.clone(),
+        progress.clone(),
+        conn_tx,
+        dead_tx,
+        error.clone(),
+    ));
+    let lost = |error: &Arc<Mutex<Option<String>>>| {
+        lock(error)
+            .clone()
+            .unwrap_or_else(|| "connection closed".into())
     };
 
-    // Wait for the CONNACK (or the connection failing).
     tokio::select! {
         _ = connected.stopped() => {}
         _ = dead.stopped() => {}
-        _ = tokio::time::sleep(Duration::from_secs(15)) => {
-            lock(&state).error = Some(format!("connection {idx}: no CONNACK within 15 s"));
-        }
+        _ = tokio::time::sleep(CONNACK_TIMEOUT) => {}
     }
-
-    let conn_rate = plan.rate.split(n_conns);
-    let pacer = Pacer::new(start, conn_rate);
-    let deadline = plan.duration.map(|d| start + d);
-    let mut k: u64 = 0;
-    if lock(&state).error.is_none() && !dead.is_stopped() {
-        loop {
-            let seq = idx as u64 + k * n_conns as u64;
-            if plan.count.is_some_and(|n| seq >= n) {
-                break;
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                break;
-            }
-            if k >= pacer.allowed(now) {
-                tokio::time::sleep_until(pacer.due(k).into()).await;
-                continue;
-            }
-            let device = &devices[(k as usize) % devices.len()];
-            let sent_ns = now_ns();
-            let payload = mqtt_payload(&plan.run_id, device.id, seq, sent_ns);
-            let topic = format!("devices/{}/telemetry", device.id);
-            lock(&state).fifo.push_back((seq, sent_ns));
-            let published = tokio::select! {
-                r = client.publish(topic, QoS::AtLeastOnce, false, payload) => r.is_ok(),
-                _ = dead.stopped() => false,
-            };
-            if !published {
-                lock(&state).fifo.pop_back();
-                break;
-            }
-            if k == 0 {
-                result.first_send_ns = sent_ns;
-            }
-            result.last_send_ns = sent_ns;
-            k += 1;
-        }
-    }
-    result.sent = k;
-
-    // Wait for the remaining PUBACKs.
-    let ack_deadline = Instant::now() + plan.ack_timeout;
-    loop {
-        let outstanding = {
-            let s = lock(&state);
-            s.fifo.len() + s.by_pkid.len()
+    if !connected.is_stopped() {
+        poll.abort();
+        let _ = (&mut poll).await;
+        let e = if dead.is_stopped() {
+            lost(&error)
+        } else {
+            format!("no CONNACK within {} s", CONNACK_TIMEOUT.as_secs())
         };
-        if outstanding == 0 || dead.is_stopped() || Instant::now() >= ack_deadline {
+        return (SessionEnd::Lost(e), false);
+    }
+
+    let topic = |d: usize| format!("devices/{}/telemetry", devices[d].id);
+    let payload = |m: &Msg| mqtt_payload(&plan.run_id, devices[m.device].id, m.seq, m.sent_ns);
+    let mut alive = true;
+
+    // What an earlier session left unacknowledged goes first, oldest first.
+    while alive {
+        let Some(m) = lock(tracker).next_resend() else {
+            break;
+        };
+        lock(tracker).queued(m);
+        alive = tokio::select! {
+            r = client.publish(topic(m.device), QoS::AtLeastOnce, false, payload(&m)) => r.is_ok(),
+            _ = dead.stopped() => false,
+        };
+    }
+
+    // Then the plan, paced by the clock.
+    while alive {
+        let now = Instant::now();
+        if gen.finished(now) {
             break;
         }
-        let _ = dead.wait_timeout(Duration::from_millis(20)).await;
+        if gen.k >= gen.pacer.allowed(now) {
+            tokio::select! {
+                _ = tokio::time::sleep_until(gen.pacer.due(gen.k).into()) => {}
+                _ = dead.stopped() => alive = false,
+            }
+            continue;
+        }
+        let m = Msg {
+            seq: gen.seq(),
+            sent_ns: now_ns(),
+            device: (gen.k as usize) % devices.len(),
+        };
+        lock(tracker).queued(m);
+        // From here on the message is part of the run: if this publish does not get through,
+        // the next session sends it again.
+        if gen.k == 0 {
+            result.first_send_ns = m.sent_ns;
+        }
+        result.last_send_ns = m.sent_ns;
+        gen.k += 1;
+        alive = tokio::select! {
+            r = client.publish(topic(m.device), QoS::AtLeastOnce, false, payload(&m)) => r.is_ok(),
+            _ = dead.stopped() => false,
+        };
+    }
+
+    // Wait for the remaining PUBACKs.
+    if alive {
+        let deadline = *ack_deadline.get_or_insert_with(|| Instant::now() + plan.ack_timeout);
+        loop {
+            if lock(tracker).outstanding() == 0 || Instant::now() >= deadline {
+                break;
+            }
+            if dead.wait_timeout(Duration::from_millis(20)).await {
+                alive = false;
+                break;
+            }
+        }
+    }
+    if !alive {
+        let _ = (&mut poll).await;
+        return (SessionEnd::Lost(lost(&error)), true);
     }
     let _ = client.disconnect().await;
     if tokio::time::timeout(Duration::from_secs(2), dead.stopped())
@@ -313,11 +479,49 @@ async fn run_connection(
     {
         poll.abort();
     }
-    let mut s = lock(&state);
-    result.acked = std::mem::take(&mut s.acked);
-    result.error = s.error.take();
-    result.ack_latency = std::mem::replace(&mut *lock(&latency), Latencies::new(start_ns));
-    result
+    let _ = poll.await;
+    (SessionEnd::Done, true)
+}
+
+/// Drives one event loop until its connection ends; feeds the tracker.
+async fn poll_session(
+    mut eventloop: EventLoop,
+    tracker: Arc<Mutex<AckTracker>>,
+    latency: Arc<Mutex<Latencies>>,
+    progress: ProgressBar,
+    conn_tx: StopHandle,
+    dead_tx: StopHandle,
+    error: Arc<Mutex<Option<String>>>,
+) {
+    let on_event = |ev: &Event| match ev {
+        Event::Incoming(Packet::ConnAck(_)) => conn_tx.stop(),
+        Event::Outgoing(Outgoing::Publish(pkid)) => lock(&tracker).on_publish(*pkid),
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => lock(&tracker).on_await_ack(*pkid),
+        Event::Incoming(Packet::PubAck(ack)) => {
+            let now = now_ns();
+            let first = lock(&tracker).on_puback(ack.pkid);
+            if let Some(m) = first {
+                lock(&latency).record(m.sent_ns, now);
+                progress.inc(1);
+            }
+        }
+        _ => {}
+    };
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(ev) => on_event(&ev),
+            Err(e) => {
+                // PUBACKs read in the same batch as the failure are real acknowledgements.
+                for ev in eventloop.state.events.drain(..) {
+                    on_event(&ev);
+                }
+                *lock(&error) = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    dead_tx.stop();
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -92,6 +92,12 @@ pub struct Report {
     pub other_cpu_percent: Option<f64>,
     /// Sender failures (connections refused or lost, HTTP errors): any of them fails the run.
     pub errors: Vec<String>,
+    /// MQTT: connections re-established after the broker dropped them (a broker restart).
+    /// Not a failure by itself: what matters is that every acked message arrived.
+    pub reconnects: u64,
+    /// MQTT: messages published again after a reconnect because their PUBACK had not come
+    /// (the bridge's message ids make the copies no-ops; `duplicated` checks it).
+    pub resent: u64,
     /// sent > 0, no sender errors, and lost == duplicated == unacked == 0.
     pub passed: bool,
     /// Human-readable notes (e.g. why CPU was not sampled).
@@ -198,6 +204,10 @@ impl Report {
             (
                 "CPU by process (mean %)",
                 busiest(&self.processes, usize::MAX),
+            ),
+            (
+                "reconnects / resent",
+                format!("{} / {}", self.reconnects, self.resent),
             ),
             ("settled after", format!("{:.2} s", self.settled_after_s)),
             ("result", if self.passed { "PASS" } else { "FAIL" }.into()),
@@ -369,6 +379,8 @@ mod tests {
             system_cpu_percent: None,
             other_cpu_percent: None,
             errors: vec![],
+            reconnects: 0,
+            resent: 0,
             passed: false,
             notes: vec![],
         }

@@ -25,6 +25,13 @@ pub struct Sent {
     pub last_send_ns: u64,
     pub ack_latency: Latencies,
     pub errors: Vec<String>,
+    /// MQTT: sessions re-established after a lost connection.
+    pub reconnects: u64,
+    /// MQTT: messages published again after a reconnect (not yet acknowledged when the
+    /// connection was lost).
+    pub resent: u64,
+    /// Added to the report's notes.
+    pub notes: Vec<String>,
 }
 
 pub fn new_run_id() -> String {
@@ -35,7 +42,7 @@ pub fn new_run_id() -> String {
 pub struct Harness {
     pub run_id: String,
     pub common: CommonArgs,
-    pub pg: tokio_postgres::Client,
+    pub pg: collect::PgConn,
     pub nats: async_nats::Client,
     pub device_ids: Vec<Uuid>,
     raw: Option<SharedSeen>,
@@ -53,7 +60,7 @@ impl Harness {
         run_id: String,
         pid_prefix: &'static str,
     ) -> anyhow::Result<Harness> {
-        let pg = collect::connect_pg(&common.database_url).await?;
+        let pg = collect::PgConn::connect(&common.database_url).await?;
         let nats = collect::connect_nats(&common.nats_urls).await?;
         let pids = if common.bridge_pids.is_empty() {
             procstat::pids_from_dir(&common.pid_dir, pid_prefix)
@@ -158,7 +165,9 @@ impl Harness {
             obs = Observations {
                 sent: sent.sent,
                 acked: acked.clone(),
-                postgres: collect::postgres_counts(&self.pg, &self.device_ids, &self.run_id)
+                postgres: self
+                    .pg
+                    .counts_until(&self.device_ids, &self.run_id, deadline)
                     .await?,
                 jetstream: collect::counts_of(&raw),
                 dead_letters: collect::counts_of(&dlq),
@@ -175,8 +184,15 @@ impl Harness {
         // everything is already accounted for.
         if obs.complete() {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            obs.postgres =
-                collect::postgres_counts(&self.pg, &self.device_ids, &self.run_id).await?;
+            // The grace period may end past the deadline: allow a few seconds to reconnect.
+            obs.postgres = self
+                .pg
+                .counts_until(
+                    &self.device_ids,
+                    &self.run_id,
+                    Instant::now() + Duration::from_secs(5),
+                )
+                .await?;
             obs.jetstream = collect::counts_of(&raw);
             obs.dead_letters = collect::counts_of(&dlq);
         }
@@ -198,7 +214,7 @@ impl Harness {
         let publish_duration_s =
             (sent.last_send_ns.saturating_sub(sent.first_send_ns)) as f64 / 1e9;
         let e2e_span_s = (last_seen_ns.saturating_sub(sent.first_send_ns)) as f64 / 1e9;
-        let mut notes: Vec<String> = Vec::new();
+        let mut notes: Vec<String> = sent.notes.clone();
         if self.pids.is_empty() {
             notes.push(format!(
                 "CPU/RSS not sampled: no --bridge-pid and no live {}*.pid in {}",
@@ -232,15 +248,12 @@ impl Harness {
             bridge_rss_mib: None,
             bridge_rss_mib_mean: None,
             bridge_pids: self.pids.clone(),
-            postgres_rows_per_s: collect::postgres_write_rate(
-                &self.pg,
-                &self.device_ids,
-                &self.run_id,
-            )
-            .await,
+            postgres_rows_per_s: self.pg.write_rate(&self.device_ids, &self.run_id).await,
             settled_after_s,
             windows,
             errors: sent.errors.clone(),
+            reconnects: sent.reconnects,
+            resent: sent.resent,
             other_cpu_percent: system_cpu_percent.map(|s| {
                 let ours: f64 = processes.iter().map(|p| p.cpu_percent_mean).sum();
                 crate::report::round1((s.cpu_percent_mean - ours).max(0.0))

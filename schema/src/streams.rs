@@ -736,6 +736,15 @@ pub enum StreamsCommand {
     },
     /// Print the definition (the JSON configs apply sends) without connecting.
     Show,
+    /// Print a stream's newest messages: sequence, subject, `Nats-Msg-Id` and body, one
+    /// JSON object per line (e.g. `streams messages TELEMETRY_DLQ --last 20`).
+    Messages {
+        /// The stream, e.g. TELEMETRY_RAW_V1 or TELEMETRY_DLQ.
+        stream: String,
+        /// How many of the newest messages.
+        #[arg(long, default_value_t = 10)]
+        last: u64,
+    },
 }
 
 /// Runs `argus-schema streams ...`.
@@ -788,7 +797,59 @@ pub async fn run_cli(args: StreamsArgs) -> anyhow::Result<()> {
             }
         }
         StreamsCommand::Show => Ok(()),
+        StreamsCommand::Messages { stream, last } => {
+            for line in newest_messages(&client, &stream, last).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
     }
+}
+
+/// The newest `last` messages of `stream`, oldest first, each as one JSON line:
+/// `{"seq", "subject", "msgId", "time", "body"}` (`body` parsed when it is JSON).
+pub async fn newest_messages(
+    client: &async_nats::Client,
+    stream: &str,
+    last: u64,
+) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context as _;
+    let js = jetstream::new(client.clone());
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {stream}: {e}"))?;
+    let state = handle.info().await.context("stream info")?.state.clone();
+    let first = state
+        .first_sequence
+        .max(state.last_sequence.saturating_sub(last.saturating_sub(1)));
+    let mut lines = Vec::new();
+    for seq in first..=state.last_sequence {
+        if state.messages == 0 {
+            break;
+        }
+        // A sequence can be missing (deleted, or aged out meanwhile): skip it.
+        let Ok(msg) = handle.get_raw_message(seq).await else {
+            continue;
+        };
+        let body: Value = serde_json::from_slice(&msg.payload)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&msg.payload).into_owned()));
+        let msg_id = msg
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_string());
+        lines.push(
+            json!({
+                "seq": msg.sequence,
+                "subject": msg.subject.as_str(),
+                "msgId": msg_id,
+                "time": msg.time.to_string(),
+                "body": body,
+            })
+            .to_string(),
+        );
+    }
+    Ok(lines)
 }
 
 /// Sum of the streams' `max_bytes`: JetStream reserves it on every replica when it places a

@@ -434,3 +434,32 @@ async fn cluster_r3_survives_a_node_and_catches_up() {
     assert_eq!(streams::verify(&client).await.unwrap(), vec![]);
     check_flow(&js, "after").await;
 }
+
+#[tokio::test]
+async fn messages_prints_the_newest_with_their_ids() {
+    let server = NatsServer::start().await;
+    let client = connect(&[server.url()]).await;
+    streams::apply(&client, None).await.expect("apply");
+    let js = js(&client);
+    for n in 0..3 {
+        let subject = subject_of("TELEMETRY_DLQ", "invalid_json");
+        publish(&js, subject, &format!("id-{n}"), &format!(r#"{{"n":{n}}}"#)).await;
+    }
+    let lines = streams::newest_messages(&client, "TELEMETRY_DLQ", 2)
+        .await
+        .expect("messages");
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(parsed.len(), 2, "{lines:?}");
+    assert_eq!(parsed[0]["msgId"], "id-1");
+    assert_eq!(parsed[1]["msgId"], "id-2");
+    assert_eq!(parsed[1]["body"]["n"], 2);
+    assert_eq!(parsed[1]["subject"], "telemetry.dlq.invalid_json");
+    let err = streams::newest_messages(&client, "NO_SUCH_STREAM", 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NO_SUCH_STREAM"), "{err}");
+}
