@@ -12,9 +12,31 @@
 PATH="$PATH:/usr/sbin:/sbin"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 STACK="$ROOT/.stack"
+# .stack may link to a state directory outside the checkout (see relocate_stack_if_unreachable).
+if [[ -L "$STACK" ]]; then
+  STACK="$(readlink -f "$STACK")"
+fi
 PIDS="$STACK/pids"
 LOGS="$STACK/logs"
 PKI_DIR="$STACK/pki"
+
+# Postgres and Mosquitto run as their own OS users and must reach the state directory.
+# When compose/up runs as root in a checkout those users cannot traverse (under a 0700
+# home or mktemp directory), the state lives in /var/lib/argus-stack/<id> instead and
+# .stack is a link to it. Called by compose/up before it creates anything.
+relocate_stack_if_unreachable() {
+  [[ $EUID -eq 0 && ! -e "$ROOT/.stack" && ! -L "$ROOT/.stack" ]] || return 0
+  if runuser -u nobody -- test -x "$ROOT" 2>/dev/null; then
+    return 0
+  fi
+  local dir
+  dir="/var/lib/argus-stack/$(printf '%s' "$ROOT" | sha256sum | cut -c1-16)"
+  mkdir -p "$dir"
+  chmod 0755 /var/lib/argus-stack "$dir"
+  ln -s "$dir" "$ROOT/.stack"
+  STACK="$dir" PIDS="$dir/pids" LOGS="$dir/logs" PKI_DIR="$dir/pki"
+  info "$ROOT is not reachable by the postgres and mosquitto users: the state lives in $dir (.stack links there)"
+}
 
 # Ports (see the team brief). Fixed, so clients and docs can rely on them.
 PG_PORT=17432
