@@ -123,7 +123,10 @@ impl AckTracker {
 
     /// Messages sent (or to be sent again) and not acknowledged yet.
     pub fn outstanding(&self) -> usize {
-        self.fifo.len() + usize::from(self.collided.is_some()) + self.by_pkid.len() + self.resend.len()
+        self.fifo.len()
+            + usize::from(self.collided.is_some())
+            + self.by_pkid.len()
+            + self.resend.len()
     }
 
     pub fn acked_count(&self) -> usize {
@@ -186,7 +189,11 @@ mod tests {
             again.push(x.seq);
             t.queued(x);
         }
-        assert_eq!(again, vec![1, 2, 3], "oldest first, the acked one not again");
+        assert_eq!(
+            again,
+            vec![1, 2, 3],
+            "oldest first, the acked one not again"
+        );
         assert_eq!(t.resent, 3);
         t.queued(m(4));
         for pkid in 1..=4 {
@@ -232,7 +239,10 @@ mod tests {
         assert_eq!(t.outstanding(), 2, "one on the wire, one handed over");
         t.new_session();
         assert_eq!(t.outstanding(), 2);
-        assert!(t.take_acked().is_empty(), "unacked, never acked (so never lost)");
+        assert!(
+            t.take_acked().is_empty(),
+            "unacked, never acked (so never lost)"
+        );
     }
 
     #[test]

@@ -86,7 +86,8 @@ pub async fn spawn_collector(
             .messages()
             .await
             .with_context(|| format!("consuming {stream}"))?;
-        let seen = seen.clone();
+        // Weak: the task ends once the run's `Seen` is dropped.
+        let seen = Arc::downgrade(&seen);
         let run_id = run_id.to_string();
         let stream_name = stream.to_string();
         let s = s.clone();
@@ -101,6 +102,9 @@ pub async fn spawn_collector(
                 let mut msgs = match messages.take() {
                     Some(m) => m,
                     None => {
+                        if seen.strong_count() == 0 {
+                            return;
+                        }
                         let again = OrderedConfig {
                             deliver_policy: DeliverPolicy::ByStartSequence {
                                 start_sequence: last + 1,
@@ -140,6 +144,9 @@ pub async fn spawn_collector(
                     let at = now_ns();
                     let Some(marker) = find_marker_in_record(&msg.payload, &run_id) else {
                         continue;
+                    };
+                    let Some(seen) = seen.upgrade() else {
+                        return;
                     };
                     // A poisoned lock only means another collector task panicked; keep counting.
                     let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());

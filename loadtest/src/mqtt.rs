@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::ProgressBar;
 use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
-    Transport,
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
 
 use crate::acks::{AckTracker, Msg};
@@ -299,8 +298,7 @@ async fn run_connection(
             backoff = RECONNECT_INITIAL;
         }
         let since = down_since.unwrap_or(now);
-        if ack_deadline.is_some_and(|d| now >= d) || now.duration_since(since) >= plan.ack_timeout
-        {
+        if ack_deadline.is_some_and(|d| now >= d) || now.duration_since(since) >= plan.ack_timeout {
             let outstanding = lock(&tracker).outstanding();
             result.error = Some(format!(
                 "connection {idx}: gave up reconnecting after {:.1} s ({e}); {outstanding} message(s) unacknowledged",

@@ -281,6 +281,8 @@ mod tests {
             system_cpu_percent: None,
             other_cpu_percent: None,
             errors: vec![],
+            reconnects: 0,
+            resent: 0,
             passed: lost == 0,
             notes: vec![],
         }

@@ -161,6 +161,7 @@ impl Harness {
         let deadline = settle_start + self.common.settle;
         let acked: HashSet<u64> = sent.acked.iter().copied().collect();
         let mut obs;
+        let mut notes_pg: Option<String> = None;
         loop {
             obs = Observations {
                 sent: sent.sent,
@@ -202,6 +203,12 @@ impl Harness {
         let (processes, system_cpu_percent) = group_sampler.await.unwrap_or_default();
 
         let accounting = obs.account();
+        if self.pg.reconnects > 0 {
+            notes_pg = Some(format!(
+                "the load tester's Postgres session was made again {} time(s) for the accounting",
+                self.pg.reconnects
+            ));
+        }
         let (latency, windows, last_seen_ns) = {
             let g = raw.lock().unwrap_or_else(|e| e.into_inner());
             let l = g.latencies.as_ref();
@@ -215,6 +222,7 @@ impl Harness {
             (sent.last_send_ns.saturating_sub(sent.first_send_ns)) as f64 / 1e9;
         let e2e_span_s = (last_seen_ns.saturating_sub(sent.first_send_ns)) as f64 / 1e9;
         let mut notes: Vec<String> = sent.notes.clone();
+        notes.extend(notes_pg);
         if self.pids.is_empty() {
             notes.push(format!(
                 "CPU/RSS not sampled: no --bridge-pid and no live {}*.pid in {}",

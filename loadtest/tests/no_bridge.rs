@@ -128,3 +128,55 @@ async fn acked_messages_that_never_arrive_are_lost_and_the_exit_code_says_so() {
     assert_eq!(report["lost"], 150);
     assert_eq!(report["passed"], false);
 }
+
+/// A broker restart in the middle of the load: every device connection is dropped, comes
+/// back, publishes again what was not acknowledged and goes on. Everything sent ends up
+/// acked (and, with no bridge, lost: the accounting still sees each message once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_reconnect_after_a_broker_restart_and_every_message_is_acked() {
+    let mut e = env().await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let json = out_dir.path().join("report.json");
+    let mut child = loadtest(&e, "mqtt")
+        .args([
+            "--devices",
+            "3",
+            "--rate",
+            "150",
+            "--duration",
+            "4s",
+            "--settle",
+            "2s",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .spawn()
+        .expect("run argus-loadtest");
+    // Certificates and devices first, then about 1.5 s of load.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    e.mq.restart().await;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .expect("wait for argus-loadtest");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "no bridge: the acked messages are lost"
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report written")).unwrap();
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(
+        sent >= 550,
+        "the plan is 600 messages, paced by the clock: {r:#}"
+    );
+    assert_eq!(r["acked"], sent, "{r:#}");
+    assert_eq!(r["unacked"], 0, "{r:#}");
+    assert_eq!(r["lost"], sent, "{r:#}");
+    assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r:#}");
+    assert!(
+        r["reconnects"].as_u64().unwrap() >= 3,
+        "each of 3 connections: {r:#}"
+    );
+}
