@@ -148,6 +148,17 @@ fn parse_reading(map: Map<String, Value>, at: &str) -> Result<IngestReading, Fie
         return Err(FieldError::new(join_key(at, unknown), "unknown field"));
     }
 
+    // Postgres' jsonb cannot hold U+0000: refuse it here, naming the field, so a batch
+    // stays all-or-nothing instead of the sink dead-lettering one reading of it.
+    for (key, value) in &map {
+        if let Some(path) = find_nul(value, &join_key(at, key)) {
+            return Err(FieldError::new(
+                path,
+                "must not contain the character U+0000 (it cannot be stored)",
+            ));
+        }
+    }
+
     let device_id = match map.get("deviceId") {
         None => return Err(FieldError::new(join(at, "deviceId"), "is required")),
         Some(Value::String(s)) => Uuid::parse_str(s)
@@ -236,6 +247,26 @@ fn parse_reading(map: Map<String, Value>, at: &str) -> Result<IngestReading, Fie
     })
 }
 
+/// The path of the first string or key under `value` that contains U+0000.
+fn find_nul(value: &Value, path: &str) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(path.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| find_nul(v, &format!("{path}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let child = join_key(path, k);
+            if k.contains('\0') {
+                Some(child)
+            } else {
+                find_nul(v, &child)
+            }
+        }),
+        _ => None,
+    }
+}
+
 /// A supplied id (`messageId` or `Idempotency-Key`): 1..=200 visible ASCII characters.
 pub fn check_supplied_id(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > MAX_SUPPLIED_ID_LEN {
@@ -310,6 +341,20 @@ mod tests {
         assert_eq!(err(r#"[1]"#).path, "[0]");
         let mid = format!(r#"{{"deviceId":"{DEV}","metrics":{{}},"messageId":""}}"#);
         assert_eq!(err(&mid).path, "messageId");
+    }
+
+    #[test]
+    fn nul_characters_are_refused_naming_the_field() {
+        let metric = format!(r#"{{"deviceId":"{DEV}","metrics":{{"t":"a\u0000b"}}}}"#);
+        let e = err(&metric);
+        assert_eq!(e.path, "metrics.t");
+        assert!(e.problem.contains("U+0000"), "{}", e.problem);
+        let deep = format!(
+            r#"[{{"deviceId":"{DEV}","metrics":{{}}}},{{"deviceId":"{DEV}","metrics":{{}},"metadata":{{"x":["ok","\u0000"]}}}}]"#
+        );
+        assert_eq!(err(&deep).path, "[1].metadata.x[1]");
+        let key = format!(r#"{{"deviceId":"{DEV}","metrics":{{"a\u0000":1}}}}"#);
+        assert_eq!(err(&key).path, r#"metrics["a\u0000"]"#);
     }
 
     #[test]

@@ -106,7 +106,8 @@ pub struct Plan {
     pub duration: Option<Duration>,
     pub devices_per_connection: usize,
     pub inflight: u16,
-    /// How long to wait for the last PUBACKs after the last publish.
+    /// How long to wait for the last PUBACKs after the last publish; also how long a lost
+    /// connection keeps trying to reconnect before it gives up.
     pub ack_timeout: Duration,
 }
 

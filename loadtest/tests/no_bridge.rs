@@ -154,6 +154,7 @@ async fn publishers_reconnect_after_a_broker_restart_and_every_message_is_acked(
         .expect("run argus-loadtest");
     // Certificates and devices first, then about 1.5 s of load.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    e.mq.stop().await;
     e.mq.restart().await;
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
