@@ -243,11 +243,17 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        flag,
-        reason: reason.into(),
+impl ConfigError {
+    pub fn new(flag: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError {
+            flag,
+            reason: reason.into(),
+        }
     }
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::new(flag, reason)
 }
 
 impl Cli {
@@ -429,8 +435,8 @@ pub fn parse_mqtt_url(url: &str) -> Result<MqttAddr, String> {
     })
 }
 
-/// Parses a duration such as `250ms`, `20ms`, `5s`, `2m`, `1h` or `1500us`.
-/// A bare number is seconds.
+/// Parses a duration such as `250ms`, `20ms`, `1.5s`, `2m`, `1h` or `1500us`.
+/// A bare number is seconds. Shared by every Argus binary's flags.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t

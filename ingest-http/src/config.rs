@@ -170,19 +170,12 @@ impl Default for Limits {
     }
 }
 
-/// A flag with a value that cannot be used. The reason never contains a secret.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid --{flag}: {reason}")]
-pub struct ConfigError {
-    pub flag: &'static str,
-    pub reason: String,
-}
+/// A flag with a value that cannot be used (the bridge's type: the reason never
+/// contains a secret).
+pub use argus_bridge::config::ConfigError;
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        flag,
-        reason: reason.into(),
-    }
+    ConfigError::new(flag, reason)
 }
 
 impl Cli {
@@ -264,33 +257,7 @@ impl Cli {
     }
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`, `1500us`; a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 20ms, 5s or 1m"))?;
-    let secs = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" => value / 1e6,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("{text:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use argus_bridge::config::parse_duration;
 
 #[cfg(test)]
 mod tests {

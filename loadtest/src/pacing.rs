@@ -86,29 +86,9 @@ impl Pacer {
     }
 }
 
-/// Parses `250ms`, `1s`, `1.5s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("expected a duration like 500ms, 10s, 2m; got `{s}`"))?;
-    let secs = match unit {
-        "ms" => v / 1_000.0,
-        "s" => v,
-        "m" | "min" => v * 60.0,
-        "h" => v * 3_600.0,
-        _ => return Err(format!("unknown duration unit in `{s}` (use ms, s, m, h)")),
-    };
-    if !(secs.is_finite() && secs >= 0.0) {
-        return Err(format!("duration must be non-negative, got `{s}`"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+/// Parses `250ms`, `1.5s`, `2m`, `1h`, or a bare number of seconds (the bridge's parser,
+/// so every Argus binary reads durations alike).
+pub use argus_bridge::config::parse_duration;
 
 #[cfg(test)]
 mod tests {
