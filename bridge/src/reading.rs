@@ -380,6 +380,10 @@ fn int32(field: &str, v: &serde_json::Value) -> Result<i32, Reject> {
 
 fn id_string(field: &str, v: serde_json::Value) -> Result<String, Reject> {
     match v {
+        serde_json::Value::String(s) if s.contains('\0') => Err(Reject::new(
+            DlqReason::InvalidField,
+            format!("{field}: contains U+0000, which cannot be stored"),
+        )),
         serde_json::Value::String(s) if !s.is_empty() && s.len() <= MAX_ID_FIELD_BYTES => Ok(s),
         serde_json::Value::String(_) => Err(Reject::new(
             DlqReason::InvalidField,
@@ -407,6 +411,7 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("an object key")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Key, E> {
+                storable_str(s)?;
                 Ok(match s {
                     "timestamp" => Key::Timestamp,
                     "correlationId" => Key::CorrelationId,
@@ -418,6 +423,66 @@ impl<'de> Deserialize<'de> for Key {
             }
         }
         d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// Postgres `jsonb` cannot hold U+0000 in a string or key: refused here, as invalid
+/// JSON, rather than by Postgres, which would make the sink split its batch.
+fn storable_str<E: de::Error>(s: &str) -> Result<(), E> {
+    if s.contains('\0') {
+        Err(E::custom("U+0000 in a string cannot be stored"))
+    } else {
+        Ok(())
+    }
+}
+
+/// An unknown field's value, walked without being built and checked for what `jsonb`
+/// cannot store: U+0000 in strings and keys ([`storable_str`]), numbers beyond f64
+/// (serde_json refuses them when it decodes a number, as it refuses lone surrogates and
+/// nesting deeper than 128 levels, which `IgnoredAny` would skip unchecked).
+struct Storable;
+
+impl<'de> Deserialize<'de> for Storable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StorableVisitor)
+    }
+}
+
+struct StorableVisitor;
+
+impl<'de> Visitor<'de> for StorableVisitor {
+    type Value = Storable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+    fn visit_unit<E>(self) -> Result<Storable, E> {
+        Ok(Storable)
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Storable, E> {
+        storable_str(s).map(|()| Storable)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Storable, A::Error> {
+        while seq.next_element::<Storable>()?.is_some() {}
+        Ok(Storable)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Storable, A::Error> {
+        while map.next_key::<Storable>()?.is_some() {
+            map.next_value::<Storable>()?;
+        }
+        Ok(Storable)
     }
 }
 
@@ -441,7 +506,7 @@ impl<'de> Visitor<'de> for TopVisitor {
                 Key::TotalChunks => raw.total_chunks = Some(map.next_value()?),
                 Key::MessageId => raw.message_id = Some(map.next_value()?),
                 Key::Other => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Storable>()?;
                 }
             }
         }
@@ -486,6 +551,34 @@ mod tests {
         check(topic, payload, &Limits::default())
             .unwrap_err()
             .reason
+    }
+
+    #[test]
+    fn what_jsonb_cannot_store_is_refused_up_front() {
+        // Each would otherwise reach Postgres and be dead-lettered as `unstorable`
+        // only after the sink split its batch to find it.
+        for payload in [
+            r#"{"x":"a\u0000b"}"#,
+            r#"{"x":{"deep":["ok","\u0000"]}}"#,
+            r#"{"k\u0000":1}"#,
+            r#"{"x":{"k\u0000":1}}"#,
+            r#"{"x":1e999999}"#,
+            r#"{"x":"\ud800"}"#,
+        ] {
+            assert_eq!(
+                reason(&topic(), payload.as_bytes()),
+                DlqReason::InvalidJson,
+                "{payload}"
+            );
+        }
+        let deep = format!(r#"{{"x":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(reason(&topic(), deep.as_bytes()), DlqReason::InvalidJson);
+        assert!(field_err(r#"{"correlationId":"a\u0000"}"#).starts_with("correlationId"));
+        assert!(field_err(r#"{"messageId":"a\u0000"}"#).starts_with("messageId"));
+        // What jsonb stores is still accepted, escapes and all.
+        let ok =
+            r#"{"x":"\u00e9\ud83d\ude00","y":[1.5e300,-0,null,true],"z":{"a\\u0000":"\\u0000"}}"#;
+        assert!(check(&topic(), ok.as_bytes(), &Limits::default()).is_ok());
     }
 
     fn field_err(payload: &str) -> String {

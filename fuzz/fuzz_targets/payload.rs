@@ -63,6 +63,13 @@ fuzz_target!(|data: &[u8]| {
                     "unparsable JSON rejected as {:?}",
                     r.reason
                 ),
+                // U+0000 parses but cannot be stored: refused up front (invalid_json in
+                // an unknown field or key, invalid_field in correlationId/messageId).
+                Some(v @ Value::Object(_)) if has_nul(v) => assert!(
+                    matches!(r.reason, DlqReason::InvalidJson | DlqReason::InvalidField),
+                    "U+0000 rejected as {:?}",
+                    r.reason
+                ),
                 Some(Value::Object(_)) => assert_eq!(r.reason, DlqReason::InvalidField),
                 Some(_) => assert_eq!(r.reason, DlqReason::NotObject),
             }
@@ -145,4 +152,14 @@ fn strings(v: &Value) -> Vec<&String> {
         }
     }
     out
+}
+
+/// True when a string or key anywhere in `v` holds U+0000 (which `jsonb` cannot store).
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
