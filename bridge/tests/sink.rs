@@ -303,8 +303,11 @@ async fn unstorable_reading_goes_to_the_dlq_and_the_rest_is_stored() {
     let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
 
     let mut rs = readings(6, "poison");
-    // Valid JSON that jsonb refuses.
-    let poison = reading(SENSOR_IDS[1], r#"{"note":"nul \u0000 here"}"#);
+    // Valid JSON that jsonb refuses. The bridge's checks refuse it before the sink
+    // (`invalid_json`), so it is built here as something that got past them would be:
+    // the sink is the last line of defence.
+    let mut poison = reading(SENSOR_IDS[1], r#"{"note":"nul here"}"#);
+    poison.payload = Bytes::from_static(br#"{"note":"nul \u0000 here"}"#);
     rs.insert(3, poison.clone());
     let tickets = enqueue_each(&sink, &rs).await;
     let results = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(tickets))
