@@ -16,7 +16,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -273,22 +272,14 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
 }
 
 fn pg_pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    let pg_config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| anyhow::anyhow!("invalid --database-url: {e}"))?;
-    let manager = deadpool_postgres::Manager::from_config(
-        pg_config,
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    deadpool_postgres::Pool::builder(manager)
-        .max_size(size)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .create_timeout(Some(Duration::from_secs(5)))
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .build()
-        .context("--pg-pool-size")
+    let timeouts = crate::pg::PoolTimeouts {
+        create: Duration::from_secs(5),
+        wait: Duration::from_secs(10),
+    };
+    crate::pg::pool(url, size, timeouts).map_err(|e| match e {
+        crate::pg::PoolError::Url(e) => anyhow::anyhow!("invalid --database-url: {e}"),
+        e @ crate::pg::PoolError::Build(_) => anyhow::Error::new(e).context("--pg-pool-size"),
+    })
 }
 
 fn readiness_checks(

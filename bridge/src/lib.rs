@@ -9,6 +9,7 @@
 //! - [`envelope`]: the JSON envelope published to `TELEMETRY_RAW_V1`.
 //! - [`dlq`]: dead letters to `TELEMETRY_DLQ` with their reason.
 //! - [`metrics`]: every metric name, in one place.
+//! - [`pg`]: the Postgres connection pool (shared with the HTTP sidecar).
 //! - [`server`]: `/health`, `/ready`, `/metrics`.
 //! - [`config`]: the command-line flags (each with an `env` twin) and their validation.
 //! - [`lease`]: replica slot leases for `--replica auto`.
@@ -21,6 +22,7 @@ pub mod envelope;
 pub mod lease;
 pub mod message_id;
 pub mod metrics;
+pub mod pg;
 pub mod reading;
 pub mod registry;
 pub mod server;

@@ -55,23 +55,15 @@ struct Inner {
 
 /// A Postgres pool from a URL (no connection is made until first use).
 pub fn pg_pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, StartError> {
-    let pg_config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StartError::DatabaseUrl(e.to_string()))?;
-    let manager = deadpool_postgres::Manager::from_config(
-        pg_config,
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    deadpool_postgres::Pool::builder(manager)
-        .max_size(size)
-        .wait_timeout(Some(std::time::Duration::from_secs(2)))
-        .create_timeout(Some(std::time::Duration::from_secs(2)))
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .map_err(|e| StartError::Pool(e.to_string()))
+    // Short waits: a request waits on Postgres at most this long before its 503.
+    let timeouts = argus_bridge::pg::PoolTimeouts {
+        create: std::time::Duration::from_secs(2),
+        wait: std::time::Duration::from_secs(2),
+    };
+    argus_bridge::pg::pool(url, size, timeouts).map_err(|e| match e {
+        argus_bridge::pg::PoolError::Url(e) => StartError::DatabaseUrl(e.to_string()),
+        e @ argus_bridge::pg::PoolError::Build(_) => StartError::Pool(e.to_string()),
+    })
 }
 
 impl AppState {
