@@ -1,10 +1,10 @@
-//! The bridge process, wired together: `MqttSource → Pipeline → Sink`, plus the
+//! The bridge process, wired together: `source → admit → sink`, plus the
 //! operations server. The binary calls [`run`]; tests call [`start`] to run a
 //! bridge in-process and stop it through the returned [`Running`].
 //!
 //! ```text
-//! source (N connections) ──admit──> Pipeline: reading::check → Registry → SinkHandle::enqueue → Ticket
-//!                                            '─ reject ─> DlqPublisher (then ack)
+//! source (N connections) ──> admit::Admit: checks → Registry → SinkHandle::enqueue → Ticket
+//!                                          '─ reject ─> DlqPublisher (then ack)
 //! ```
 //!
 //! Shutdown, in two stages: cancelling the token marks the process draining
@@ -20,105 +20,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::FutureExt as _;
+use argus_pipeline::dlq::DlqPublisher;
+use argus_pipeline::pg;
+use argus_pipeline::reading::Limits;
+use argus_pipeline::registry::{Registry, RegistryConfig};
+use argus_pipeline::sink::{Sink, SinkConfig, SinkHandle};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admit::Admit;
 use crate::config::Config;
-use crate::dlq::{DeadLetter, DlqPublisher};
-use crate::reading::{self, Limits, Reading, Reject, Source};
-use crate::registry::{Registry, RegistryConfig};
 use crate::server::{self, Check, ServerState, Status};
-use crate::sink::{Sink, SinkConfig, SinkHandle};
-use crate::source::{self, Backoff, Durable, Handler, Message, NotDurable};
-
-/// The pipeline between the source and the sink: checks, registry, DLQ.
-pub struct Pipeline {
-    pub sink: SinkHandle,
-    pub registry: Registry,
-    pub dlq: DlqPublisher,
-    pub limits: Limits,
-}
-
-impl Pipeline {
-    /// Writes a dead letter in the background, retrying until it is
-    /// acknowledged; the returned future completes then (the message may then
-    /// be acknowledged). It never completes with success otherwise.
-    fn dead_letter(&self, reject: Reject, msg: Message) -> Durable {
-        crate::metrics::rejected(reject.reason);
-        let letter = DeadLetter::new(
-            reject,
-            Some(msg.topic),
-            Some(msg.client_id.to_string()),
-            msg.received_at,
-            msg.payload,
-        );
-        let dlq = self.dlq.clone();
-        let task = tokio::spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_secs(5));
-            loop {
-                match dlq.publish(letter.clone()).await {
-                    Ok(()) => return,
-                    // DlqPublisher logs and counts the failure.
-                    Err(_) => tokio::time::sleep(backoff.next_delay()).await,
-                }
-            }
-        });
-        Box::pin(task.map(|r| r.map_err(|e| NotDurable(format!("dead letter task: {e}")))))
-    }
-}
-
-impl Handler for Pipeline {
-    async fn admit(&self, msg: Message) -> Durable {
-        let checked = match reading::check(&msg.topic, &msg.payload, &self.limits) {
-            Ok(c) => c,
-            Err(reject) => return self.dead_letter(reject, msg),
-        };
-        // The registry retries nothing itself: while Postgres is unreachable
-        // (and the device is in no cache) wait here, which backs up this
-        // connection and, through the broker's inflight window, the broker.
-        let mut backoff = Backoff::new(Duration::from_secs(5));
-        let device = loop {
-            match self.registry.device(checked.device_id).await {
-                Ok(d) => break d,
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    warn!(device_id = %checked.device_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Device look-up failed; retrying.");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        };
-        let tenant_id = match device {
-            None => return self.dead_letter(Reject::unknown_device(checked.device_id), msg),
-            Some(d) if !d.is_active() => {
-                return self.dead_letter(
-                    Reject::disabled_device(checked.device_id, d.status.as_str()),
-                    msg,
-                )
-            }
-            Some(d) => d.tenant_id,
-        };
-        let reading = Reading::from_checked(
-            checked,
-            tenant_id,
-            msg.payload,
-            msg.received_at,
-            Source::Mqtt,
-            Some(msg.topic),
-            Some(msg.client_id.to_string()),
-        );
-        // Waits while the sink is full: backpressure (see `source`).
-        match self.sink.enqueue(vec![reading]).await {
-            Ok(ticket) => Box::pin(
-                ticket.map(|r| r.map(|_| ()).map_err(|e| NotDurable(format!("sink: {e}")))),
-            ),
-            Err(e) => Box::pin(futures::future::ready(Err(NotDurable(format!(
-                "sink: {e}"
-            ))))),
-        }
-    }
-}
+use crate::source;
 
 /// A bridge running in this process.
 pub struct Running {
@@ -188,7 +102,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         pool.clone(),
     )
     .context("--redis-url")?;
-    let pipeline = Arc::new(Pipeline {
+    let admit = Arc::new(Admit {
         sink: sink.clone(),
         registry,
         dlq: DlqPublisher::new(js),
@@ -217,7 +131,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let source_task = tokio::spawn(source::run(
         config.mqtt.clone(),
         tls,
-        pipeline,
+        admit,
         status.clone(),
         shutdown.clone(),
     ));
@@ -272,13 +186,13 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
 }
 
 fn pg_pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    let timeouts = crate::pg::PoolTimeouts {
+    let timeouts = pg::PoolTimeouts {
         create: Duration::from_secs(5),
         wait: Duration::from_secs(10),
     };
-    crate::pg::pool(url, size, timeouts).map_err(|e| match e {
-        crate::pg::PoolError::Url(e) => anyhow::anyhow!("invalid --database-url: {e}"),
-        e @ crate::pg::PoolError::Build(_) => anyhow::Error::new(e).context("--pg-pool-size"),
+    pg::pool(url, size, timeouts).map_err(|e| match e {
+        pg::PoolError::Url(e) => anyhow::anyhow!("invalid --database-url: {e}"),
+        e @ pg::PoolError::Build(_) => anyhow::Error::new(e).context("--pg-pool-size"),
     })
 }
 

@@ -9,7 +9,25 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use argus_pipeline::flags::{BatchArgs, FlagEnv, NatsArgs, PgArgs, RedisArgs, ShutdownArgs};
 use clap::{Parser, ValueEnum};
+
+pub use argus_pipeline::flags::{parse_duration, ConfigError};
+
+/// The bridge's env names and defaults of the shared flag blocks.
+#[derive(Debug, Clone)]
+pub struct BridgeEnv;
+
+impl FlagEnv for BridgeEnv {
+    const PG_POOL_SIZE: &'static str = "ARGUS_BRIDGE_PG_POOL_SIZE";
+    const PG_POOL_SIZE_DEFAULT: &'static str = "8";
+    const BATCH_SIZE: &'static str = "ARGUS_BRIDGE_BATCH_SIZE";
+    const BATCH_SIZE_DEFAULT: &'static str = "500";
+    const BATCH_LINGER: &'static str = "ARGUS_BRIDGE_BATCH_LINGER";
+    const BATCH_LINGER_DEFAULT: &'static str = "20ms";
+    const SHUTDOWN_TIMEOUT: &'static str = "ARGUS_BRIDGE_SHUTDOWN_TIMEOUT";
+    const SHUTDOWN_TIMEOUT_DEFAULT: &'static str = "10s";
+}
 
 /// The `argus-bridge` command line. Every flag has an `env` twin.
 #[derive(Debug, Clone, Parser)]
@@ -85,36 +103,17 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_BRIDGE_RECONNECT_MAX", default_value = "5s")]
     pub reconnect_max: String,
 
-    /// Postgres connection URL.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    #[command(flatten)]
+    pub pg: PgArgs<BridgeEnv>,
 
-    /// Postgres connection pool size.
-    #[arg(long, env = "ARGUS_BRIDGE_PG_POOL_SIZE", default_value_t = 8)]
-    pub pg_pool_size: usize,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
-    /// NATS servers, comma-separated (`nats://h1:4222,nats://h2:4222`).
-    #[arg(
-        long,
-        env = "NATS_URLS",
-        hide_env_values = true,
-        value_delimiter = ',',
-        required = true
-    )]
-    pub nats_urls: Vec<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
-    /// Redis URL for the shared device cache (optional: without it the bridge caches in memory
-    /// and falls back to Postgres).
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-
-    /// A batch is written when it holds this many messages ...
-    #[arg(long, env = "ARGUS_BRIDGE_BATCH_SIZE", default_value_t = 500)]
-    pub batch_size: usize,
-
-    /// ... or when its oldest message is this old, e.g. `20ms`.
-    #[arg(long, env = "ARGUS_BRIDGE_BATCH_LINGER", default_value = "20ms")]
-    pub batch_linger: String,
+    #[command(flatten)]
+    pub batch: BatchArgs<BridgeEnv>,
 
     /// Largest accepted payload in bytes; larger ones go to the DLQ as `oversize`.
     #[arg(long, env = "ARGUS_BRIDGE_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
@@ -128,9 +127,8 @@ pub struct Cli {
     )]
     pub metrics_addr: String,
 
-    /// On SIGTERM/SIGINT: how long to drain (flush, acknowledge, disconnect) before exiting hard.
-    #[arg(long, env = "ARGUS_BRIDGE_SHUTDOWN_TIMEOUT", default_value = "10s")]
-    pub shutdown_timeout: String,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs<BridgeEnv>,
 
     /// Log format on stderr. The level comes from `RUST_LOG` (default `info`).
     #[arg(long, env = "ARGUS_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -234,24 +232,6 @@ pub struct Config {
     pub replica_auto: Option<u32>,
 }
 
-/// A flag with a value that cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid --{flag}: {reason}")]
-pub struct ConfigError {
-    /// The flag's long name, without dashes.
-    pub flag: &'static str,
-    pub reason: String,
-}
-
-impl ConfigError {
-    pub fn new(flag: &'static str, reason: impl Into<String>) -> Self {
-        ConfigError {
-            flag,
-            reason: reason.into(),
-        }
-    }
-}
-
 fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::new(flag, reason)
 }
@@ -312,26 +292,9 @@ impl Cli {
         }
         let reconnect_max =
             parse_duration(&self.reconnect_max).map_err(|r| invalid("reconnect-max", r))?;
-        if self.database_url.is_empty() {
-            return Err(invalid("database-url", "must not be empty"));
-        }
-        if self.pg_pool_size == 0 {
-            return Err(invalid("pg-pool-size", "must be at least 1"));
-        }
-        let nats_urls: Vec<String> = self
-            .nats_urls
-            .into_iter()
-            .map(|u| u.trim().to_owned())
-            .filter(|u| !u.is_empty())
-            .collect();
-        if nats_urls.is_empty() {
-            return Err(invalid("nats-urls", "needs at least one server"));
-        }
-        if self.batch_size == 0 {
-            return Err(invalid("batch-size", "must be at least 1"));
-        }
-        let batch_linger =
-            parse_duration(&self.batch_linger).map_err(|r| invalid("batch-linger", r))?;
+        self.pg.validate()?;
+        let nats_urls = self.nats.validate()?;
+        let (batch_size, batch_linger) = self.batch.validate()?;
         if self.max_payload_bytes == 0 {
             return Err(invalid("max-payload-bytes", "must be at least 1"));
         }
@@ -352,8 +315,7 @@ impl Cli {
             .metrics_addr
             .parse()
             .map_err(|e| invalid("metrics-addr", format!("not a socket address: {e}")))?;
-        let shutdown_timeout =
-            parse_duration(&self.shutdown_timeout).map_err(|r| invalid("shutdown-timeout", r))?;
+        let shutdown_timeout = self.shutdown.validate()?;
         Ok(Config {
             mqtt: MqttConfig {
                 addr,
@@ -367,11 +329,11 @@ impl Cli {
                 keep_alive,
                 reconnect_max,
             },
-            database_url: self.database_url,
-            pg_pool_size: self.pg_pool_size,
+            database_url: self.pg.database_url,
+            pg_pool_size: self.pg.pg_pool_size,
             nats_urls,
-            redis_url: self.redis_url.filter(|u| !u.is_empty()),
-            batch_size: self.batch_size,
+            redis_url: self.redis.url(),
+            batch_size,
             batch_linger,
             max_payload_bytes: self.max_payload_bytes,
             metrics_addr,
@@ -433,36 +395,6 @@ pub fn parse_mqtt_url(url: &str) -> Result<MqttAddr, String> {
         host: host.to_owned(),
         port,
     })
-}
-
-/// Parses a duration such as `250ms`, `20ms`, `1.5s`, `2m`, `1h` or `1500us`.
-/// A bare number is seconds. Shared by every Argus binary's flags.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 20ms, 5s or 1m"))?;
-    let secs = match unit.trim() {
-        "" | "s" | "sec" | "secs" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "ns" => value / 1e9,
-        "m" | "min" | "mins" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("{text:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]

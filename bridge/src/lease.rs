@@ -5,7 +5,7 @@
 //! number its replicas (`docker compose --scale`) leases the lowest free slot: a
 //! Postgres session advisory lock per slot, held for the life of the process. A
 //! replacement replica therefore takes over a dead replica's slot, and with it the
-//! messages the broker queued in that slot's sessions (ARCHITECTURE.md, trap 2).
+//! messages the broker queued in that slot's sessions (`docs/bridge.md`, "Stable slots matter").
 //!
 //! If the lease connection dies, the lock is gone and another replica may take the
 //! slot: the holder is told through [`SlotLease::lost`] and must stop, so two

@@ -1,30 +1,20 @@
-//! `argus-bridge`: the MQTT source and the shared ingestion pipeline.
+//! `argus-bridge`: the MQTT source of the Argus ingestion edge, and its binary. What
+//! it shares with the HTTP sidecar (checks, message ids, registry, sink, dead
+//! letters) is `argus-pipeline`; this crate adds only what is MQTT's own.
 //!
 //! Layout (data flows top to bottom):
 //! - [`source`]: MQTT shared-subscription connections (rumqttc), ordered PUBACKs.
-//! - [`reading`]: topic and payload checks; turns an accepted message into a [`reading::Reading`].
-//! - [`message_id`]: the deterministic message id (dedup key in Postgres and JetStream).
-//! - [`registry`]: device and API-key look-ups (memory -> Redis -> Postgres) with invalidation.
-//! - [`sink`]: batching, `COPY` into `telemetry_raw`, pipelined JetStream publishes.
-//! - [`envelope`]: the JSON envelope published to `TELEMETRY_RAW_V1`.
-//! - [`dlq`]: dead letters to `TELEMETRY_DLQ` with their reason.
-//! - [`metrics`]: every metric name, in one place.
-//! - [`pg`]: the Postgres connection pool (shared with the HTTP sidecar).
+//! - [`admit`]: one message through the checks and the registry into the sink, or to the DLQ.
+//! - [`app`]: wires it all together: `app::run(config, shutdown)`, used by the binary and the tests.
 //! - [`server`]: `/health`, `/ready`, `/metrics`.
 //! - [`config`]: the command-line flags (each with an `env` twin) and their validation.
 //! - [`lease`]: replica slot leases for `--replica auto`.
-//! - [`app`]: wires it all together: `app::run(config, shutdown)`, used by the binary and the tests.
+//! - [`metrics`]: the bridge's own metric names (`argus_bridge_*`).
 
+pub mod admit;
 pub mod app;
 pub mod config;
-pub mod dlq;
-pub mod envelope;
 pub mod lease;
-pub mod message_id;
 pub mod metrics;
-pub mod pg;
-pub mod reading;
-pub mod registry;
 pub mod server;
-pub mod sink;
 pub mod source;

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// A readiness probe of one dependency: `Ok(())` when it is reachable.
 pub type CheckFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -83,36 +83,8 @@ pub struct ServerState {
     pub metrics: PrometheusHandle,
 }
 
-/// Installs the process-wide Prometheus recorder once and returns its handle.
-///
-/// Later calls (a second bridge in the same test process) get the same handle.
-pub fn prometheus_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0,
-                ])
-                // Only fails for empty bucket lists; ours are fixed and non-empty.
-                .expect("static buckets are valid")
-                .set_buckets_for_metric(
-                    Matcher::Full(crate::metrics::BATCH_SIZE_MESSAGES.to_string()),
-                    &[
-                        1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
-                    ],
-                )
-                .expect("static buckets are valid")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (e.g. a test harness);
-            // then our handle renders nothing but the process still works.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
-}
+/// The process-wide Prometheus recorder's handle (installed on first use).
+pub use argus_pipeline::metrics::prometheus_handle;
 
 /// The router, without binding (tests call it directly).
 pub fn router(state: ServerState) -> Router {

@@ -1,7 +1,7 @@
 //! Faults mid-stream: each test ends with every published message stored in
 //! `telemetry_raw` exactly once and published to `TELEMETRY_RAW_V1` exactly
 //! once (by message id), whatever was stopped, killed or restarted meanwhile.
-//! Publishers wait for every PUBACK (ARCHITECTURE trap 1).
+//! Publishers wait for every PUBACK (`mosquitto_pub -l` would drop some: README, "First message").
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -35,7 +35,7 @@ use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, 
 use uuid::Uuid;
 
 /// The bridge's default payload limit (the test bridge does not override it).
-const LIMIT: usize = argus_bridge::reading::DEFAULT_MAX_PAYLOAD_BYTES;
+const LIMIT: usize = argus_pipeline::reading::DEFAULT_MAX_PAYLOAD_BYTES;
 /// Mosquitto's `max_packet_size` in compose/mosquitto/mosquitto.conf.in.
 const BROKER_MAX_PACKET: usize = 1_048_576;
 
@@ -543,7 +543,7 @@ async fn dead_letters(js: &jetstream::Context) -> Vec<(String, String, Vec<u8>)>
 
 fn id_of(device: Uuid, payload: &[u8]) -> Uuid {
     let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
-    argus_bridge::message_id::derive(
+    argus_pipeline::message_id::derive(
         device,
         &telemetry_topic(device),
         payload,

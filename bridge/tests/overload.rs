@@ -1,4 +1,4 @@
-//! A sustained overload (ARCHITECTURE trap 3): devices publish faster than the bridge
+//! A sustained overload (the rumqttc manual-ack deadlock in `docs/bridge.md`): devices publish faster than the bridge
 //! can store, for over a minute. The bridge must never stall (rumqttc's manual acks go
 //! through the same bounded channel `EventLoop::poll` drains; a poll loop that waits on
 //! the pipeline while the pipeline waits on `ack()` deadlocks for good), and must end

@@ -11,8 +11,8 @@
 //! message never echoes a string value of the body.
 #![no_main]
 
-use argus_bridge::dlq::DlqReason;
-use argus_bridge::reading::{Checked, Limits};
+use argus_pipeline::dlq::DlqReason;
+use argus_pipeline::reading::{Checked, Limits};
 use argus_ingest_http::request::{parse_body, Shape};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;

@@ -1,4 +1,4 @@
-//! Message-id derivation (`argus_bridge::message_id::derive`).
+//! Message-id derivation (`argus_pipeline::message_id::derive`).
 //!
 //! Input layout: 16 bytes of device id, one flag byte (bit 0: a supplied id is
 //! present), then the rest split at the first `0xff` into topic | payload (or
@@ -7,7 +7,7 @@
 //! the (topic, payload) boundary is unambiguous.
 #![no_main]
 
-use argus_bridge::message_id::derive;
+use argus_pipeline::message_id::derive;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 

@@ -13,9 +13,9 @@
 //!   an invalid field's detail repeats none of the payload's string values.
 #![no_main]
 
-use argus_bridge::dlq::DlqReason;
-use argus_bridge::message_id;
-use argus_bridge::reading::{check, check_payload, Limits, MAX_ID_FIELD_BYTES};
+use argus_pipeline::dlq::DlqReason;
+use argus_pipeline::message_id;
+use argus_pipeline::reading::{check, check_payload, Limits, MAX_ID_FIELD_BYTES};
 use chrono::{Datelike, Timelike};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;

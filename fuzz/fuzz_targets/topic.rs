@@ -1,12 +1,12 @@
-//! MQTT topic → device id (`argus_bridge::reading::parse_topic`).
+//! MQTT topic → device id (`argus_pipeline::reading::parse_topic`).
 //!
 //! Properties: only `devices/<hyphenated uuid>/telemetry` is accepted, and the
 //! accepted topic is exactly the canonical topic of the id it yields (modulo
 //! the case of the hex digits); every rejection is `bad_topic`.
 #![no_main]
 
-use argus_bridge::dlq::DlqReason;
-use argus_bridge::reading::{canonical_topic, parse_topic};
+use argus_pipeline::dlq::DlqReason;
+use argus_pipeline::reading::{canonical_topic, parse_topic};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

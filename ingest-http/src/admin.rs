@@ -1,10 +1,16 @@
-//! The admin bearer token that guards operator endpoints (certificates, API keys).
+//! What every operator endpoint (API keys, certificates) shares: the admin bearer
+//! token, the `{deviceId}` path segment, and the JSON object body.
 //!
 //! Missing or malformed `Authorization: Bearer ...` answers 401; a wrong token 403.
-//! Tokens are compared in constant time, and never logged.
+//! Tokens are compared in constant time, and never logged. A device id that is not a
+//! UUID answers 404 (no such device), like an unknown one. A body is a JSON object
+//! (empty = `{}`) with known fields only; anything else is 400 `invalid_body` naming
+//! the problem.
 
 use axum::http::{header, HeaderMap};
+use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
+use uuid::Uuid;
 
 use crate::error::ApiError;
 
@@ -38,6 +44,38 @@ impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AdminToken(..)")
     }
+}
+
+/// The `{deviceId}` path segment: not a UUID is the same 404 as an unknown device.
+pub fn parse_device_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("No device with this id."))
+}
+
+/// The body as a JSON object (an empty or blank body = `{}`), refusing fields not in
+/// `allowed`.
+pub fn body_object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("request body: malformed JSON ({e})"),
+        )
+    })?;
+    let Value::Object(map) = value else {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "request body: expected an object",
+        ));
+    };
+    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("{unknown}: unknown field"),
+        ));
+    }
+    Ok(map)
 }
 
 #[cfg(test)]

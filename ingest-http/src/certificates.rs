@@ -1,4 +1,5 @@
-//! Device certificate API (owned by the PKI work), mounted by the app via [`router`]:
+//! Device certificate API (owned by the PKI work), mounted by the app via [`router`]
+//! when `--pki-dir` is set:
 //!
 //! - `POST   /api/v1/devices/{deviceId}/certificate` with `{"validityDays": N, "csr": "PEM"}`
 //!   (both optional; `validityDays` defaults to 365, at most 365): issues a client certificate
@@ -15,10 +16,7 @@
 //! certificate is recorded in `device_certificates`; `devices.network_metadata` is merged
 //! (`||`), never replaced. The CA's file I/O and signing run on the blocking pool.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use argus_pki::{Ca, PkiError, RevocationReason, Subject};
+use argus_pki::{PkiError, RevocationReason, Subject};
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -26,87 +24,25 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde_json::{json, Map, Value};
-use uuid::Uuid;
+use serde_json::{json, Value};
 
-use crate::admin::AdminToken;
+use crate::admin::{body_object, parse_device_id};
 use crate::error::ApiError;
+use crate::state::AppState;
+pub use crate::state::CertState;
 
-/// What the certificate endpoints need.
-#[derive(Clone)]
-pub struct CertState {
-    /// The CA. Shared without a mutex: every change to its directory takes the directory's
-    /// lock file, so the CLI may run beside the server.
-    pub ca: Arc<Ca>,
-    pub pool: deadpool_postgres::Pool,
-    pub admin: AdminToken,
-    /// A pid file of the broker (the local stack's Mosquitto): it gets SIGHUP after every
-    /// CRL change, so a revocation takes effect within a second. `None`: reload it yourself.
-    pub broker_pid_file: Option<PathBuf>,
-}
-
-impl CertState {
-    pub fn new(ca: Arc<Ca>, pool: deadpool_postgres::Pool, admin: AdminToken) -> CertState {
-        CertState {
-            ca,
-            pool,
-            admin,
-            broker_pid_file: None,
-        }
-    }
-
-    /// Loads the CA from `pki_dir` (`argus-pki init --dir`); `crl_url` is the distribution
-    /// point written into certificates (default [`argus_pki::DEFAULT_CRL_URL`]).
-    pub fn load(
-        pki_dir: &Path,
-        crl_url: Option<String>,
-        pool: deadpool_postgres::Pool,
-        admin: AdminToken,
-    ) -> Result<CertState, PkiError> {
-        let mut ca = Ca::load(pki_dir)?;
-        if let Some(url) = crl_url {
-            ca = ca.with_crl_url(url);
-        }
-        Ok(CertState::new(Arc::new(ca), pool, admin))
-    }
-
-    pub fn with_broker_pid_file(mut self, path: impl Into<PathBuf>) -> CertState {
-        self.broker_pid_file = Some(path.into());
-        self
-    }
-
-    /// SIGHUP to the broker after a CRL change (best effort, logged).
-    fn reload_broker(&self) {
-        let Some(path) = &self.broker_pid_file else {
-            return;
-        };
-        let pid = match std::fs::read_to_string(path) {
-            Ok(text) => text.trim().to_string(),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "Cannot read the broker pid file; reload the broker by hand.");
-                return;
-            }
-        };
-        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
-            tracing::warn!(path = %path.display(), "The broker pid file holds no pid.");
-            return;
-        }
-        match std::process::Command::new("kill")
-            .arg("-HUP")
-            .arg(&pid)
-            .status()
-        {
-            Ok(s) if s.success() => {
-                tracing::info!(%pid, "Sent SIGHUP to the broker (CRL changed).")
-            }
-            Ok(s) => tracing::warn!(%pid, status = %s, "Could not signal the broker."),
-            Err(e) => tracing::warn!(%pid, error = %e, "Could not signal the broker."),
-        }
+/// The certificate routes of the app (merged by [`crate::build_app`]): empty when the
+/// state has no certificate API (no `--pki-dir`), so the paths answer 404.
+pub fn router(state: &AppState) -> Router {
+    match state.certificates() {
+        Some(cert) => standalone(cert.clone()),
+        None => Router::new(),
     }
 }
 
-/// The certificate routes, with their state applied (merge into the app router).
-pub fn router(state: CertState) -> Router {
+/// The certificate routes alone, with their state applied: what [`router`] mounts,
+/// and what a test or another binary can serve without an [`AppState`].
+pub fn standalone(state: CertState) -> Router {
     Router::new()
         .route(
             "/api/v1/devices/{device_id}/certificate",
@@ -115,21 +51,6 @@ pub fn router(state: CertState) -> Router {
         .route("/pki/crl.der", get(crl_der))
         .route("/pki/crl.pem", get(crl_pem))
         .with_state(state)
-}
-
-fn db_error(e: tokio_postgres::Error) -> ApiError {
-    if e.code().is_some() {
-        tracing::error!(error = %e, "Postgres rejected a statement.");
-        ApiError::internal()
-    } else {
-        tracing::warn!(error = %e, "Postgres is unavailable.");
-        ApiError::unavailable()
-    }
-}
-
-fn pool_error(e: deadpool_postgres::PoolError) -> ApiError {
-    tracing::warn!(error = %e, "No Postgres connection available.");
-    ApiError::unavailable()
 }
 
 /// Maps a CA failure: the caller's input is a 400 naming the field; the rest is ours.
@@ -161,36 +82,6 @@ async fn blocking<T: Send + 'static>(
             Err(ApiError::internal())
         }
     }
-}
-
-fn parse_device_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("No device with this id."))
-}
-
-/// The body as a JSON object (empty body = `{}`), refusing unknown fields.
-fn body_object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Map::new());
-    }
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("request body: malformed JSON ({e})"),
-        )
-    })?;
-    let Value::Object(map) = value else {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "request body: expected an object",
-        ));
-    };
-    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            format!("{unknown}: unknown field"),
-        ));
-    }
-    Ok(map)
 }
 
 struct IssueRequest {
@@ -241,11 +132,10 @@ async fn issue(
     state.admin.check(&headers)?;
     let device_id = parse_device_id(&device_id)?;
     let request = parse_issue_body(&body)?;
-    let mut client = state.pool.get().await.map_err(pool_error)?;
+    let mut client = state.pool.get().await?;
     let status: Option<String> = client
         .query_opt("SELECT status FROM devices WHERE id = $1", &[&device_id])
-        .await
-        .map_err(db_error)?
+        .await?
         .map(|row| row.get(0));
     match status.as_deref() {
         None => return Err(ApiError::not_found("No device with this id.")),
@@ -305,7 +195,7 @@ async fn issue(
             tracing::error!(serial = %issued.serial_hex, error = %re, "Could not revoke an unrecorded certificate.");
         }
         state.reload_broker();
-        return Err(db_error(e));
+        return Err(e.into());
     }
     tracing::info!(%device_id, serial = %issued.serial_hex, %not_after, "Issued a device certificate.");
 
@@ -347,11 +237,10 @@ async fn revoke(
             ))
         }
     };
-    let mut client = state.pool.get().await.map_err(pool_error)?;
+    let mut client = state.pool.get().await?;
     let exists = client
         .query_opt("SELECT 1 FROM devices WHERE id = $1", &[&device_id])
-        .await
-        .map_err(db_error)?
+        .await?
         .is_some();
     if !exists {
         return Err(ApiError::not_found("No device with this id."));
@@ -363,15 +252,14 @@ async fn revoke(
     let mut serials = blocking(move || ca.revoke_device(device_id, reason)).await?;
     state.reload_broker();
 
-    let tx = client.transaction().await.map_err(db_error)?;
+    let tx = client.transaction().await?;
     let rows = tx
         .query(
             "UPDATE device_certificates SET revoked_at = now(), revocation_reason = $2 \
              WHERE device_id = $1 AND revoked_at IS NULL RETURNING serial_number",
             &[&device_id, &reason.as_str()],
         )
-        .await
-        .map_err(db_error)?;
+        .await?;
     for row in rows {
         let s: String = row.get(0);
         if !serials.contains(&s) {
@@ -388,8 +276,8 @@ async fn revoke(
         &[&device_id, &meta],
     )
     .await
-    .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+    ?;
+    tx.commit().await?;
     tracing::info!(%device_id, revoked = serials.len(), %reason, "Revoked device certificates.");
     Ok(Json(json!({
         "success": true,

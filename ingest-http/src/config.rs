@@ -3,14 +3,38 @@
 //! [`Cli`] is what clap parses; [`Cli::into_config`] checks it and returns a typed
 //! [`Config`]. Errors name the flag and never echo a secret (the admin token's value
 //! is hidden from `--help`, from `Debug` and from every error).
+//!
+//! Postgres, NATS, Redis, batching and shutdown flags are the shared blocks of
+//! [`argus_pipeline::flags`], flattened in; [`HttpEnv`] gives their tuning flags the
+//! sidecar's env names and defaults (`ARGUS_HTTP_*`). The rest is the sidecar's own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use argus_pipeline::flags::{BatchArgs, FlagEnv, NatsArgs, PgArgs, RedisArgs, ShutdownArgs};
 use clap::Parser;
 
 use crate::admin::AdminToken;
+
+/// A flag with a value that cannot be used (the reason never contains a secret).
+pub use argus_pipeline::flags::{parse_duration, ConfigError};
+
+/// The sidecar's env names and defaults of the shared tuning flags.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpEnv;
+
+impl FlagEnv for HttpEnv {
+    const PG_POOL_SIZE: &'static str = "ARGUS_HTTP_PG_POOL_SIZE";
+    const PG_POOL_SIZE_DEFAULT: &'static str = "4";
+    const BATCH_SIZE: &'static str = "ARGUS_HTTP_BATCH_SIZE";
+    const BATCH_SIZE_DEFAULT: &'static str = "500";
+    // Short: a request waits for its batch (MQTT's bridge lingers longer).
+    const BATCH_LINGER: &'static str = "ARGUS_HTTP_BATCH_LINGER";
+    const BATCH_LINGER_DEFAULT: &'static str = "5ms";
+    const SHUTDOWN_TIMEOUT: &'static str = "ARGUS_HTTP_SHUTDOWN_TIMEOUT";
+    const SHUTDOWN_TIMEOUT_DEFAULT: &'static str = "10s";
+}
 
 /// Shortest admin token accepted at start-up.
 pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
@@ -30,27 +54,17 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
 
-    /// Postgres connection URL.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    /// `--database-url`, `--pg-pool-size`.
+    #[command(flatten)]
+    pub pg: PgArgs<HttpEnv>,
 
-    /// Postgres pool size (admin endpoints, key `last_used_at` updates, readiness).
-    #[arg(long, env = "ARGUS_HTTP_PG_POOL_SIZE", default_value_t = 4)]
-    pub pg_pool_size: usize,
+    /// `--nats-urls`.
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
-    /// NATS servers, comma-separated (`nats://h1:4222,nats://h2:4222`).
-    #[arg(
-        long,
-        env = "NATS_URLS",
-        value_delimiter = ',',
-        required = true,
-        hide_env_values = true
-    )]
-    pub nats_urls: Vec<String>,
-
-    /// Redis URL for the shared device and API-key cache and its invalidations.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    /// `--redis-url`.
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// Admin bearer token for operator endpoints (at least 16 characters). Never printed.
     #[arg(long, env = "ARGUS_ADMIN_TOKEN", hide_env_values = true)]
@@ -90,17 +104,13 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_HTTP_DURABILITY_TIMEOUT", default_value = "5s")]
     pub durability_timeout: String,
 
-    /// The sink writes a batch when it holds this many readings ...
-    #[arg(long, env = "ARGUS_HTTP_BATCH_SIZE", default_value_t = 500)]
-    pub batch_size: usize,
+    /// `--batch-size`, `--batch-linger`.
+    #[command(flatten)]
+    pub batch: BatchArgs<HttpEnv>,
 
-    /// ... or when its oldest reading is this old, e.g. `5ms`.
-    #[arg(long, env = "ARGUS_HTTP_BATCH_LINGER", default_value = "5ms")]
-    pub batch_linger: String,
-
-    /// On SIGTERM/SIGINT: how long to let in-flight requests finish and the sink drain.
-    #[arg(long, env = "ARGUS_HTTP_SHUTDOWN_TIMEOUT", default_value = "10s")]
-    pub shutdown_timeout: String,
+    /// `--shutdown-timeout`.
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs<HttpEnv>,
 
     /// Log lines as JSON instead of text. The level comes from `RUST_LOG` (default `info`).
     #[arg(long, env = "ARGUS_HTTP_LOG_JSON", default_value_t = false)]
@@ -111,7 +121,7 @@ impl std::fmt::Debug for Cli {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cli")
             .field("listen", &self.listen)
-            .field("nats_urls", &self.nats_urls)
+            .field("nats_urls", &self.nats.nats_urls)
             .field("admin_token", &"..")
             .finish_non_exhaustive()
     }
@@ -170,10 +180,6 @@ impl Default for Limits {
     }
 }
 
-/// A flag with a value that cannot be used (the bridge's type: the reason never
-/// contains a secret).
-pub use argus_bridge::config::ConfigError;
-
 fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::new(flag, reason)
 }
@@ -184,21 +190,8 @@ impl Cli {
             .listen
             .parse()
             .map_err(|e| invalid("listen", format!("not a socket address: {e}")))?;
-        if self.database_url.trim().is_empty() {
-            return Err(invalid("database-url", "must not be empty"));
-        }
-        if self.pg_pool_size == 0 {
-            return Err(invalid("pg-pool-size", "must be at least 1"));
-        }
-        let nats_urls: Vec<String> = self
-            .nats_urls
-            .into_iter()
-            .map(|u| u.trim().to_owned())
-            .filter(|u| !u.is_empty())
-            .collect();
-        if nats_urls.is_empty() {
-            return Err(invalid("nats-urls", "needs at least one server"));
-        }
+        self.pg.validate()?;
+        let nats_urls = self.nats.validate()?;
         if self.admin_token.chars().count() < MIN_ADMIN_TOKEN_LEN {
             return Err(invalid(
                 "admin-token",
@@ -225,19 +218,14 @@ impl Cli {
         if durability_timeout.is_zero() {
             return Err(invalid("durability-timeout", "must be more than 0"));
         }
-        if self.batch_size == 0 {
-            return Err(invalid("batch-size", "must be at least 1"));
-        }
-        let batch_linger =
-            parse_duration(&self.batch_linger).map_err(|r| invalid("batch-linger", r))?;
-        let shutdown_timeout =
-            parse_duration(&self.shutdown_timeout).map_err(|r| invalid("shutdown-timeout", r))?;
+        let (batch_size, batch_linger) = self.batch.validate()?;
+        let shutdown_timeout = self.shutdown.validate()?;
         Ok(Config {
             listen,
-            database_url: self.database_url,
-            pg_pool_size: self.pg_pool_size,
+            redis_url: self.redis.url(),
+            database_url: self.pg.database_url,
+            pg_pool_size: self.pg.pg_pool_size,
             nats_urls,
-            redis_url: self.redis_url.filter(|u| !u.trim().is_empty()),
             admin_token: AdminToken::new(self.admin_token),
             pki_dir: self.pki_dir,
             crl_url: self.crl_url.filter(|u| !u.trim().is_empty()),
@@ -249,15 +237,13 @@ impl Cli {
                 rate_limit_burst: self.rate_limit_burst,
                 durability_timeout,
             },
-            batch_size: self.batch_size,
+            batch_size,
             batch_linger,
             shutdown_timeout,
             log_json: self.log_json,
         })
     }
 }
-
-pub use argus_bridge::config::parse_duration;
 
 #[cfg(test)]
 mod tests {
@@ -305,5 +291,38 @@ mod tests {
         );
         let c = parse(&[]).unwrap();
         assert!(!format!("{c:?}").contains(TOKEN));
+    }
+
+    #[test]
+    fn shared_blocks_keep_the_sidecars_names_and_defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.pg_pool_size, 4);
+        assert_eq!(c.batch_size, 500);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        let c = parse(&["--redis-url", " "]).unwrap();
+        assert_eq!(c.redis_url, None);
+        assert_eq!(
+            parse(&["--pg-pool-size", "0"]).unwrap_err().flag,
+            "pg-pool-size"
+        );
+        assert_eq!(
+            parse(&["--batch-linger", "soon"]).unwrap_err().flag,
+            "batch-linger"
+        );
+        let help = {
+            use clap::CommandFactory;
+            Cli::command().render_long_help().to_string()
+        };
+        for env in [
+            "DATABASE_URL",
+            "ARGUS_HTTP_PG_POOL_SIZE",
+            "NATS_URLS",
+            "REDIS_URL",
+            "ARGUS_HTTP_BATCH_SIZE",
+            "ARGUS_HTTP_BATCH_LINGER",
+            "ARGUS_HTTP_SHUTDOWN_TIMEOUT",
+        ] {
+            assert!(help.contains(&format!("env: {env}")), "{env}: {help}");
+        }
     }
 }

@@ -4,6 +4,9 @@
 //! `{"success": false, "error": {"code": "...", "message": "..."}}`, so clients can
 //! match on `code`. Messages are written for the caller: they never carry internal
 //! details, keys, passwords or stack traces.
+//!
+//! Postgres and pool errors convert with `?` (`From` below): the detail is logged,
+//! the caller gets 500 `internal` or 503 `unavailable`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -83,6 +86,28 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// A Postgres error: a server-side SQL error (it has a SQLSTATE) is a bug, 500; anything
+/// else (connection refused or lost) is an outage, 503. Details go to the log only.
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.code().is_some() {
+            tracing::error!(error = %e, "Postgres rejected a statement.");
+            ApiError::internal()
+        } else {
+            tracing::warn!(error = %e, "Postgres is unavailable.");
+            ApiError::unavailable()
+        }
+    }
+}
+
+/// No pooled Postgres connection could be had in time: an outage, 503.
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        tracing::warn!(error = %e, "No Postgres connection available.");
+        ApiError::unavailable()
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -13,20 +13,22 @@
 //!    Postgres and acknowledged by JetStream (bounded by the durability timeout) → 200;
 //!    sink failure or timeout → 503.
 //!
-//! Message id of each reading: the bridge's rules ([`Checked::for_device`], which calls
-//! [`argus_bridge::message_id::derive`]): the `Idempotency-Key` header if present (a
+//! Message id of each reading: the pipeline's rules, shared with the MQTT bridge
+//! ([`Checked::for_device`], which calls
+//! [`argus_pipeline::message_id::derive`]): the `Idempotency-Key` header if present (a
 //! batch's reading `i` uses `<key>/<i>`), else the reading's `messageId` field, else the
 //! hash of the device's canonical topic `devices/<id>/telemetry` and the reading's
 //! compact JSON (the stored payload). A retry therefore gets the same id and is stored once.
 
 use std::time::Instant;
 
-use argus_bridge::reading::{Checked, Reading, Source};
+use argus_pipeline::reading::{Checked, Reading, Source};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
@@ -34,15 +36,22 @@ use uuid::Uuid;
 use crate::apikey;
 use crate::error::ApiError;
 use crate::metrics::{self as m, Rejection};
-use crate::pipeline::SubmitError;
 use crate::ratelimit::retry_after_secs;
 use crate::request::{self, check_supplied_id, Shape};
 use crate::state::AppState;
+use crate::submit::SubmitError;
 
 /// The API key header.
 pub const API_KEY_HEADER: &str = "x-api-key";
 /// The idempotency header.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// The ingest route, with its state applied (merged by [`crate::build_app`]).
+pub fn router(state: &AppState) -> Router {
+    Router::new()
+        .route("/api/v1/telemetry/ingest", post(ingest))
+        .with_state(state.clone())
+}
 
 fn reject(reason: Rejection, error: ApiError) -> ApiError {
     m::rejected(reason);
@@ -220,7 +229,7 @@ pub async fn ingest(
         ));
     }
 
-    let bridge_limits = argus_bridge::reading::Limits {
+    let payload_limits = argus_pipeline::reading::Limits {
         max_payload_bytes: limits.body_limit,
     };
     let mut unit = Vec::with_capacity(readings.len());
@@ -233,12 +242,13 @@ pub async fn ingest(
             (Some(key), Shape::Batch) => Some(format!("{key}/{i}")),
             (None, _) => None,
         };
-        // The bridge's own checks and id rules, so HTTP and MQTT agree exactly.
+        // The pipeline's checks and id rules, the same as the MQTT bridge's, so HTTP and
+        // MQTT agree exactly.
         let checked = Checked::for_device(
             caller.device_id,
             &payload,
             supplied.as_deref(),
-            &bridge_limits,
+            &payload_limits,
         )
         .map_err(|e| {
             let at = match shape {
@@ -264,7 +274,7 @@ pub async fn ingest(
 
     let started = Instant::now();
     if let Err(e) = state
-        .pipeline()
+        .submitter()
         .submit(unit, limits.durability_timeout)
         .await
     {

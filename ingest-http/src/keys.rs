@@ -13,11 +13,13 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{delete, post};
+use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::admin::{body_object, parse_device_id};
 use crate::apikey::ApiKey;
 use crate::error::ApiError;
 use crate::metrics as m;
@@ -26,25 +28,18 @@ use crate::state::AppState;
 /// Longest key lifetime accepted in `expiresInDays` (10 years).
 const MAX_EXPIRES_IN_DAYS: i64 = 3650;
 
-fn parse_device_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("No device with this id."))
-}
-
-/// Maps a Postgres error: server-side SQL errors are bugs (500), anything else
-/// (connection refused or lost) is an outage (503). Details go to the log only.
-pub(crate) fn db_error(e: tokio_postgres::Error) -> ApiError {
-    if e.code().is_some() {
-        tracing::error!(error = %e, "Postgres rejected a statement.");
-        ApiError::internal()
-    } else {
-        tracing::warn!(error = %e, "Postgres is unavailable.");
-        ApiError::unavailable()
-    }
-}
-
-pub(crate) fn pool_error(e: deadpool_postgres::PoolError) -> ApiError {
-    tracing::warn!(error = %e, "No Postgres connection available.");
-    ApiError::unavailable()
+/// The API-key routes, with their state applied (merged by [`crate::build_app`]).
+pub fn router(state: &AppState) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/devices/{device_id}/api-keys",
+            post(create).get(list),
+        )
+        .route(
+            "/api/v1/devices/{device_id}/api-keys/{key_id}",
+            delete(revoke),
+        )
+        .with_state(state.clone())
 }
 
 async fn device_exists(
@@ -53,34 +48,13 @@ async fn device_exists(
 ) -> Result<bool, ApiError> {
     let row = client
         .query_opt("SELECT 1 FROM devices WHERE id = $1", &[&device_id])
-        .await
-        .map_err(db_error)?;
+        .await?;
     Ok(row.is_some())
 }
 
 /// `{"expiresInDays": N}`; an empty body means no expiry.
 fn parse_create_body(body: &[u8]) -> Result<Option<i64>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("request body: malformed JSON ({e})"),
-        )
-    })?;
-    let Value::Object(map) = value else {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "request body: expected an object",
-        ));
-    };
-    if let Some(unknown) = map.keys().find(|k| k.as_str() != "expiresInDays") {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            format!("{unknown}: unknown field"),
-        ));
-    }
+    let map = body_object(body, &["expiresInDays"])?;
     match map.get("expiresInDays") {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_i64() {
@@ -103,7 +77,7 @@ pub async fn create(
     state.admin().check(&headers)?;
     let device_id = parse_device_id(&device_id)?;
     let expires_in_days = parse_create_body(&body)?;
-    let client = state.pool().get().await.map_err(pool_error)?;
+    let client = state.pool().get().await?;
     if !device_exists(&client, device_id).await? {
         return Err(ApiError::not_found("No device with this id."));
     }
@@ -119,8 +93,7 @@ pub async fn create(
              RETURNING id, created_at, expires_at",
             &[&device_id, &key.prefix(), &&digest[..], &expires_in_days],
         )
-        .await
-        .map_err(db_error)?;
+        .await?;
     let id: Uuid = row.get(0);
     let created_at: DateTime<Utc> = row.get(1);
     let expires_at: Option<DateTime<Utc>> = row.get(2);
@@ -149,7 +122,7 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     state.admin().check(&headers)?;
     let device_id = parse_device_id(&device_id)?;
-    let client = state.pool().get().await.map_err(pool_error)?;
+    let client = state.pool().get().await?;
     if !device_exists(&client, device_id).await? {
         return Err(ApiError::not_found("No device with this id."));
     }
@@ -159,8 +132,7 @@ pub async fn list(
              FROM device_api_keys WHERE device_id = $1 ORDER BY created_at, id",
             &[&device_id],
         )
-        .await
-        .map_err(db_error)?;
+        .await?;
     let now = Utc::now();
     let keys: Vec<Value> = rows
         .iter()
@@ -195,15 +167,14 @@ pub async fn revoke(
     let device_id = parse_device_id(&device_id)?;
     let key_id =
         Uuid::parse_str(&key_id).map_err(|_| ApiError::not_found("No API key with this id."))?;
-    let client = state.pool().get().await.map_err(pool_error)?;
+    let client = state.pool().get().await?;
     let row = client
         .query_opt(
             "UPDATE device_api_keys SET revoked_at = COALESCE(revoked_at, now()) \
              WHERE id = $1 AND device_id = $2 RETURNING key_digest, revoked_at",
             &[&key_id, &device_id],
         )
-        .await
-        .map_err(db_error)?;
+        .await?;
     let Some(row) = row else {
         return Err(ApiError::not_found(
             "No API key with this id for this device.",

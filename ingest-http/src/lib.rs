@@ -1,21 +1,27 @@
 //! `argus-ingest-http`: the HTTP sidecar. Devices that cannot speak MQTT send telemetry
-//! with an API key; it goes through the bridge's sink, so an HTTP reading is stored and
-//! published exactly like an MQTT one. Operators manage API keys and certificates.
+//! with an API key; it goes through the shared pipeline's sink ([`argus_pipeline`]), so
+//! an HTTP reading is checked, stored and published exactly like an MQTT one. Operators
+//! manage API keys and certificates.
 //!
 //! Layout:
-//! - [`config`]: flags with env twins, validated into [`config::Config`].
+//! - [`config`]: flags with env twins (the shared blocks of [`argus_pipeline::flags`]
+//!   plus the sidecar's own), validated into [`config::Config`].
 //! - [`state`]: shared state (Postgres pool, NATS, registry, sink, limits) and start-up.
 //! - [`ingest`]: `POST /api/v1/telemetry/ingest` (auth, limits, validation, durability).
 //! - [`request`]: the body's readings, validated with field paths.
+//! - [`submit`]: [`submit::Submitter`], one request = one sink unit, bounded by the
+//!   durability timeout.
 //! - [`apikey`]: key format, generation (OS CSPRNG) and SHA-256 digest.
 //! - [`keys`]: admin endpoints to create, list and revoke API keys.
-//! - [`ratelimit`]: per-device token buckets.
+//! - [`certificates`]: the device certificate API (issue, revoke, CRL), with `--pki-dir`.
+//! - [`admin`]: what operator endpoints share: the admin bearer-token check, the
+//!   device id in the path, the JSON object body.
+//! - [`health`]: `/health`, `/ready` and `/metrics`.
+//! - [`ratelimit`]: per-device rate limits (`governor`'s keyed GCRA limiter).
 //! - [`usage`]: throttled background `last_used_at` updates.
-//! - [`pipeline`]: the seam to the bridge's batching sink (one request = one unit).
-//! - [`metrics`]: metric names; `/metrics` renders them.
+//! - [`metrics`]: the sidecar's metric names and their `# HELP` text; `/metrics`
+//!   renders them.
 //! - [`error`]: the stable JSON error body every endpoint returns.
-//! - [`admin`]: the admin bearer-token check for operator endpoints.
-//! - [`certificates`]: the device certificate API (issue, revoke, CRL).
 //!
 //! Entry points: [`build_app`] (the router) and [`serve`] (run it on a listener until a
 //! shutdown future completes, then drain the sink). The binary only parses flags and
@@ -26,55 +32,42 @@ pub mod apikey;
 pub mod certificates;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;
-pub mod pipeline;
 pub mod ratelimit;
 pub mod request;
 pub mod state;
+pub mod submit;
 pub mod usage;
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
-use serde_json::json;
+use axum::response::Response;
+use axum::Router;
 
 pub use config::{Cli, Config, Limits};
 pub use state::{AppState, StartError};
 
 use crate::error::ApiError;
 
-/// The whole HTTP API.
+/// The whole HTTP API: every module's routes, merged; then the JSON 404 and 405
+/// fallbacks and the request metrics, which apply to all of them.
 pub fn build_app(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/api/v1/telemetry/ingest", post(ingest::ingest))
-        .route(
-            "/api/v1/devices/{device_id}/api-keys",
-            post(keys::create).get(keys::list),
-        )
-        .route(
-            "/api/v1/devices/{device_id}/api-keys/{key_id}",
-            delete(keys::revoke),
-        )
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(render_metrics))
+    Router::new()
+        .merge(ingest::router(&state))
+        .merge(keys::router(&state))
+        .merge(certificates::router(&state))
+        .merge(health::router(&state))
         .fallback(not_found)
+        // After the merges: it applies to the routes registered so far.
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state.clone());
-    // The certificate API (issue/revoke, CRL), when `--pki-dir` is set.
-    let api = match state.certificates() {
-        Some(cert) => api.merge(certificates::router(cert.clone())),
-        None => api,
-    };
-    api.layer(middleware::from_fn(track))
+        .layer(middleware::from_fn(track))
 }
 
 /// Serves `build_app(state)` on `listener` until `shutdown` completes: in-flight
@@ -96,7 +89,7 @@ pub async fn serve(
         .with_graceful_shutdown(signal)
         .await;
     state
-        .pipeline()
+        .submitter()
         .close(state.config().shutdown_timeout)
         .await;
     tracing::info!("Sink closed.");
@@ -130,73 +123,4 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "This endpoint does not support this method.",
     )
-}
-
-/// `/health`: the process is up (503 while draining).
-async fn health(State(state): State<AppState>) -> Response {
-    if state.is_draining() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
-        )
-            .into_response()
-    } else {
-        Json(json!({"status": "ok"})).into_response()
-    }
-}
-
-/// `/ready`: Postgres answers, NATS is connected and the sink is healthy.
-async fn ready(State(state): State<AppState>) -> Response {
-    let mut down = serde_json::Map::new();
-    let pg = async {
-        let client = state.pool().get().await.map_err(|e| e.to_string())?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<(), String>(())
-    };
-    match tokio::time::timeout(Duration::from_secs(2), pg).await {
-        Ok(Ok(())) => {}
-        // Details stay in the log; the body names the dependency only.
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "Readiness: Postgres is down.");
-            down.insert("postgres".into(), "unreachable".into());
-        }
-        Err(_) => {
-            down.insert("postgres".into(), "timed out".into());
-        }
-    }
-    if state.nats().connection_state() != async_nats::connection::State::Connected {
-        down.insert("nats".into(), "not connected".into());
-    }
-    if !state.pipeline().is_healthy() {
-        down.insert("sink".into(), "not healthy".into());
-    }
-    if state.is_draining() {
-        down.insert("process".into(), "draining".into());
-    }
-    if down.is_empty() {
-        Json(json!({"ready": true})).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "down": down})),
-        )
-            .into_response()
-    }
-}
-
-/// `/metrics`: Prometheus text exposition of every metric of the process.
-async fn render_metrics(State(state): State<AppState>) -> Response {
-    let handle = state.metrics();
-    handle.run_upkeep();
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        handle.render(),
-    )
-        .into_response()
 }

@@ -1,11 +1,16 @@
 //! Every metric name of the HTTP sidecar, in one place, and the Prometheus recorder.
 //!
-//! Names follow the bridge's convention, `argus_http_<what>_<unit>`; labels are bounded:
-//! `route` is the matched route template (never a raw path with ids), `status` a class
-//! (`2xx`, `4xx`, `5xx`), `reason` one of [`Rejection::as_str`]. The bridge's sink
-//! records its own `argus_bridge_*` metrics into the same recorder, so `/metrics`
-//! shows both.
+//! Names follow the convention of every Argus crate (see [`argus_pipeline::metrics`]),
+//! `argus_http_<what>_<unit>`; labels are bounded: `route` is the matched route
+//! template (never a raw path with ids), `status` a class (`2xx`, `4xx`, `5xx`),
+//! `reason` one of [`Rejection::as_str`], `action` `create` or `revoke`. The shared
+//! pipeline records its own metrics (`argus_sink_*`, `argus_dlq_*`, `argus_registry_*`)
+//! into the same recorder, so `/metrics` shows them all.
+//!
+//! At start-up (where the state is built): [`prometheus_handle`], then [`describe`],
+//! so `/metrics` carries `# HELP` lines and each bounded-label counter exists at zero.
 
+use metrics::{counter, describe_counter, describe_histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Counter: requests answered, labels `route`, `status` (class).
@@ -34,6 +39,19 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every reason, for the zero series.
+    pub const ALL: [Rejection; 9] = [
+        Self::MissingKey,
+        Self::InvalidKey,
+        Self::DeviceMismatch,
+        Self::DeviceNotActive,
+        Self::UnsupportedMediaType,
+        Self::PayloadTooLarge,
+        Self::InvalidBody,
+        Self::RateLimited,
+        Self::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MissingKey => "missing_key",
@@ -49,16 +67,52 @@ impl Rejection {
     }
 }
 
+/// The `action` label values of [`API_KEY_ADMIN_TOTAL`].
+pub const API_KEY_ACTIONS: [&str; 2] = ["create", "revoke"];
+
 pub fn rejected(reason: Rejection) {
-    metrics::counter!(REJECTED_TOTAL, "reason" => reason.as_str()).increment(1);
+    counter!(REJECTED_TOTAL, "reason" => reason.as_str()).increment(1);
 }
 
-/// The process-wide Prometheus handle: the bridge's recorder, installed globally once
-/// (the `metrics` facade has one recorder per process), so the sink's `argus_bridge_*`
+/// Registers `# HELP` text for every metric of the process (the shared pipeline's,
+/// through [`argus_pipeline::metrics::describe`], and the `argus_http_*` ones), and
+/// every counter of a bounded label set at zero, so each series exists from start-up.
+/// Idempotent; call it after [`prometheus_handle`].
+pub fn describe() {
+    argus_pipeline::metrics::describe();
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "HTTP requests answered, by route and status class."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "HTTP request latency, by route."
+    );
+    describe_counter!(REJECTED_TOTAL, "Ingest requests refused, by reason.");
+    describe_counter!(
+        READINGS_ACCEPTED_TOTAL,
+        "Readings stored and published, acknowledged to the client."
+    );
+    describe_counter!(
+        API_KEY_ADMIN_TOTAL,
+        "API keys created or revoked through the admin API, by action."
+    );
+    for reason in Rejection::ALL {
+        counter!(REJECTED_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
+    counter!(READINGS_ACCEPTED_TOTAL).absolute(0);
+    for action in API_KEY_ACTIONS {
+        counter!(API_KEY_ADMIN_TOTAL, "action" => action).absolute(0);
+    }
+}
+
+/// The process-wide Prometheus handle: the shared pipeline's recorder, installed
+/// globally once (the `metrics` facade has one recorder per process), so the sink's
 /// metrics and ours render together, and two sidecars in one test process share it.
 /// No listener is bound: `/metrics` renders through this handle.
 pub fn prometheus_handle() -> PrometheusHandle {
-    argus_bridge::server::prometheus_handle()
+    argus_pipeline::metrics::prometheus_handle()
 }
 
 /// `2xx`, `4xx`, ...: the bounded status label.
@@ -69,5 +123,45 @@ pub fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_exports_help_and_zero_series() {
+        let handle = prometheus_handle();
+        describe();
+        describe(); // idempotent
+                    // The exporter writes `# HELP` only for a metric with a series; these two have
+                    // route labels, so they exist from the first request on.
+        counter!(REQUESTS_TOTAL, "route" => "/health", "status" => "2xx").increment(1);
+        metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => "/health").record(0.001);
+        let text = handle.render();
+        for name in [
+            REQUESTS_TOTAL,
+            REQUEST_DURATION_SECONDS,
+            REJECTED_TOTAL,
+            READINGS_ACCEPTED_TOTAL,
+            API_KEY_ADMIN_TOTAL,
+        ] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}: {text}");
+        }
+        for reason in Rejection::ALL {
+            let series = format!("{REJECTED_TOTAL}{{reason=\"{}\"}} 0", reason.as_str());
+            assert!(text.contains(&series), "{series}: {text}");
+        }
+        assert!(text.contains(&format!("{READINGS_ACCEPTED_TOTAL} 0")));
+        for action in API_KEY_ACTIONS {
+            let series = format!("{API_KEY_ADMIN_TOTAL}{{action=\"{action}\"}} 0");
+            assert!(text.contains(&series), "{series}: {text}");
+        }
+        // The shared pipeline's names come with it.
+        assert!(
+            text.contains("# HELP argus_sink_persisted_total "),
+            "{text}"
+        );
     }
 }

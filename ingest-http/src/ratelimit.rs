@@ -1,77 +1,138 @@
-//! Per-device token bucket: `rate` requests per second on average, `burst` at once.
+//! Per-device rate limit: `rate` requests per second on average, `burst` at once.
 //!
-//! One request costs one token, whatever the number of readings it carries (the body
-//! limit and `--max-batch-readings` bound a request's weight). An empty bucket answers
-//! 429 with `Retry-After`: the whole seconds until a token is back.
+//! One request costs one cell, whatever the number of readings it carries (the body
+//! limit and `--max-batch-readings` bound a request's weight). A refused request
+//! answers 429 with `Retry-After`: the whole seconds until the device may send again.
 //!
-//! Buckets live in one map behind a short-lived `std` mutex (no await while held).
-//! The map is bounded: when it grows past `max_devices`, buckets that have refilled
-//! completely (idle devices) are dropped; they carry no state worth keeping.
+//! The limiter is `governor`'s keyed GCRA limiter (the same decisions as a token
+//! bucket of `burst` tokens refilled at `rate` per second), one state per device id
+//! in a sharded concurrent map. A rate below 1/s works: 0.1/s is one request per
+//! 10 s. Rate 0 disables the limit (no map at all).
+//!
+//! Memory is bounded: when the map holds [`SWEEP_AT`] devices or more, the check that
+//! notices drops every device whose state is back to a fresh one (idle long enough
+//! to have a full burst again: it carries nothing worth keeping) and shrinks the map.
+//! The next sweep waits until the map is twice what is left, at least [`SWEEP_AT`],
+//! so many active devices do not make every request sweep.
+//!
+//! Time comes from `governor`'s clock, not tokio's: [`RateLimiter::new`] uses its
+//! default clock (`quanta`, monotonic); tests pass a `governor::clock::FakeRelativeClock` to
+//! [`RateLimiter::with_clock`] and advance it by hand.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::Quota;
 use uuid::Uuid;
 
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
+/// Tracked devices at which idle ones are swept (the smallest sweep threshold).
+pub const SWEEP_AT: usize = 100_000;
+
+type Keyed<C> = governor::RateLimiter<
+    Uuid,
+    DefaultKeyedStateStore<Uuid>,
+    C,
+    NoOpMiddleware<<C as Clock>::Instant>,
+>;
 
 /// A per-device rate limiter. `rate == 0` disables it.
-#[derive(Debug)]
-pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    max_devices: usize,
-    buckets: Mutex<HashMap<Uuid, Bucket>>,
+pub struct RateLimiter<C: Clock = DefaultClock> {
+    /// `None` when disabled.
+    keyed: Option<Keyed<C>>,
+    /// Map size that triggers the next sweep; `usize::MAX` while one runs.
+    sweep_at: AtomicUsize,
+}
+
+/// The quota of `rate_per_second` with `burst`; `None` for rate 0 (or not a number).
+fn quota(rate_per_second: f64, burst: u32) -> Option<Quota> {
+    if !rate_per_second.is_finite() || rate_per_second <= 0.0 {
+        return None;
+    }
+    // One cell every 1/rate seconds, in whole nanoseconds (so 0.1/s is exactly 10 s;
+    // absurdly slow rates saturate at ~584 years, absurdly fast ones at 1 ns).
+    let period_ns = (1e9 / rate_per_second).round() as u64;
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(Duration::from_nanos(period_ns.max(1))).map(|q| q.allow_burst(burst))
 }
 
 impl RateLimiter {
+    /// A limiter on the default clock.
     pub fn new(rate_per_second: f64, burst: u32) -> Self {
+        Self::from_keyed(quota(rate_per_second, burst).map(governor::RateLimiter::keyed))
+    }
+}
+
+impl<C: Clock> RateLimiter<C> {
+    /// A limiter on `clock` (tests: `governor::clock::FakeRelativeClock`).
+    pub fn with_clock(rate_per_second: f64, burst: u32, clock: C) -> Self {
+        Self::from_keyed(
+            quota(rate_per_second, burst)
+                .map(|q| governor::RateLimiter::new(q, DefaultKeyedStateStore::default(), clock)),
+        )
+    }
+
+    fn from_keyed(keyed: Option<Keyed<C>>) -> Self {
         Self {
-            rate: rate_per_second.max(0.0),
-            burst: f64::from(burst.max(1)),
-            max_devices: 100_000,
-            buckets: Mutex::new(HashMap::new()),
+            keyed,
+            sweep_at: AtomicUsize::new(SWEEP_AT),
         }
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.rate > 0.0
+        self.keyed.is_some()
     }
 
-    /// Takes one token for `device`; `Err(wait)` when none is left.
+    /// Devices currently tracked (0 when disabled).
+    pub fn len(&self) -> usize {
+        self.keyed.as_ref().map_or(0, |k| k.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Lets one request of `device` through; `Err(wait)` when it must wait that long.
     pub fn check(&self, device: Uuid) -> Result<(), Duration> {
-        if !self.is_enabled() {
+        let Some(keyed) = &self.keyed else {
             return Ok(());
+        };
+        let result = keyed
+            .check_key(&device)
+            .map_err(|not_until| not_until.wait_time_from(keyed.clock().now()));
+        self.bound_memory(keyed);
+        result
+    }
+
+    /// Sweeps idle devices once the map reaches the threshold (one sweeper at a time).
+    fn bound_memory(&self, keyed: &Keyed<C>) {
+        let threshold = self.sweep_at.load(Ordering::Relaxed);
+        if keyed.len() < threshold
+            || self
+                .sweep_at
+                .compare_exchange(threshold, usize::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
         }
-        let now = Instant::now();
-        // A poisoned lock only means another request panicked mid-update; the map is
-        // still a valid map of buckets, so keep using it.
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= self.max_devices && !buckets.contains_key(&device) {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, b| {
-                b.tokens + now.duration_since(b.updated).as_secs_f64() * rate < burst
-            });
-        }
-        let bucket = buckets.entry(device).or_insert(Bucket {
-            tokens: self.burst,
-            updated: now,
-        });
-        let elapsed = now.duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate))
-        }
+        keyed.retain_recent();
+        keyed.shrink_to_fit();
+        let left = keyed.len();
+        tracing::debug!(left, "Rate limiter: dropped idle devices.");
+        self.sweep_at
+            .store(left.saturating_mul(2).max(SWEEP_AT), Ordering::Release);
+    }
+}
+
+impl<C: Clock> std::fmt::Debug for RateLimiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("enabled", &self.is_enabled())
+            .field("devices", &self.len())
+            .finish()
     }
 }
 
@@ -82,11 +143,18 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use governor::clock::FakeRelativeClock;
+
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn burst_then_refill() {
-        let limiter = RateLimiter::new(2.0, 3);
+    fn limiter(rate: f64, burst: u32) -> (RateLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        (RateLimiter::with_clock(rate, burst, clock.clone()), clock)
+    }
+
+    #[test]
+    fn burst_then_refill() {
+        let (limiter, clock) = limiter(2.0, 3);
         let dev = Uuid::new_v4();
         let other = Uuid::new_v4();
         for _ in 0..3 {
@@ -97,11 +165,11 @@ mod tests {
         assert_eq!(retry_after_secs(wait), 1);
         // Another device has its own bucket.
         assert!(limiter.check(other).is_ok());
-        tokio::time::advance(Duration::from_millis(500)).await;
+        clock.advance(Duration::from_millis(500));
         assert!(limiter.check(dev).is_ok());
         assert!(limiter.check(dev).is_err());
         // Idle long enough, the bucket is full again but never more than the burst.
-        tokio::time::advance(Duration::from_secs(60)).await;
+        clock.advance(Duration::from_secs(60));
         for _ in 0..3 {
             assert!(limiter.check(dev).is_ok());
         }
@@ -111,18 +179,54 @@ mod tests {
     #[test]
     fn zero_rate_disables() {
         let limiter = RateLimiter::new(0.0, 1);
+        assert!(!limiter.is_enabled());
         let dev = Uuid::new_v4();
         for _ in 0..100 {
             assert!(limiter.check(dev).is_ok());
         }
+        assert!(limiter.is_empty());
     }
 
     #[test]
     fn slow_rates_give_long_retry_after() {
-        let limiter = RateLimiter::new(0.1, 1);
+        let (limiter, _clock) = limiter(0.1, 1);
         let dev = Uuid::new_v4();
         assert!(limiter.check(dev).is_ok());
         let wait = limiter.check(dev).unwrap_err();
         assert_eq!(retry_after_secs(wait), 10);
+    }
+
+    #[test]
+    fn the_default_clock_limits_too() {
+        let limiter = RateLimiter::new(0.1, 2);
+        let dev = Uuid::new_v4();
+        assert!(limiter.check(dev).is_ok());
+        assert!(limiter.check(dev).is_ok());
+        let wait = limiter.check(dev).unwrap_err();
+        assert_eq!(retry_after_secs(wait), 10);
+    }
+
+    #[test]
+    fn idle_devices_are_swept() {
+        let (limiter, clock) = limiter(2.0, 3);
+        limiter.sweep_at.store(10, Ordering::Relaxed);
+        let busy = Uuid::new_v4();
+        for _ in 0..9 {
+            assert!(limiter.check(Uuid::new_v4()).is_ok());
+        }
+        assert_eq!(limiter.len(), 9);
+        // All idle for a minute (buckets full again), then a tenth device: sweep.
+        clock.advance(Duration::from_secs(60));
+        assert!(limiter.check(busy).is_ok());
+        assert_eq!(
+            limiter.len(),
+            1,
+            "only the device that just spent a token stays"
+        );
+        assert_eq!(limiter.sweep_at.load(Ordering::Relaxed), SWEEP_AT);
+        // The busy device kept its state: two tokens left, then refused.
+        assert!(limiter.check(busy).is_ok());
+        assert!(limiter.check(busy).is_ok());
+        assert!(limiter.check(busy).is_err());
     }
 }

@@ -1,18 +1,21 @@
 //! The application state every handler shares (one `Arc`, cheap to clone), and how
-//! it is built from a [`Config`]: Postgres pool, NATS client, registry, sink.
+//! it is built from a [`Config`]: Postgres pool, NATS client, registry, sink, and the
+//! certificate API's [`CertState`] (served by `crate::certificates`).
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use argus_bridge::registry::{Invalidation, Registry, RegistryConfig, RegistryError};
-use argus_bridge::sink::{Sink, SinkConfig};
+use argus_pki::{Ca, PkiError};
+
+use argus_pipeline::registry::{Invalidation, Registry, RegistryConfig, RegistryError};
+use argus_pipeline::sink::{Sink, SinkConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::admin::AdminToken;
-use crate::certificates::CertState;
 use crate::config::{Config, Limits};
-use crate::pipeline::Pipeline;
 use crate::ratelimit::RateLimiter;
+use crate::submit::Submitter;
 use crate::usage::KeyUsage;
 
 /// Why the sidecar could not start.
@@ -40,7 +43,7 @@ struct Inner {
     pool: deadpool_postgres::Pool,
     nats: async_nats::Client,
     registry: Registry,
-    pipeline: Pipeline,
+    submitter: Submitter,
     admin: AdminToken,
     limits: Limits,
     limiter: RateLimiter,
@@ -56,13 +59,13 @@ struct Inner {
 /// A Postgres pool from a URL (no connection is made until first use).
 pub fn pg_pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, StartError> {
     // Short waits: a request waits on Postgres at most this long before its 503.
-    let timeouts = argus_bridge::pg::PoolTimeouts {
+    let timeouts = argus_pipeline::pg::PoolTimeouts {
         create: std::time::Duration::from_secs(2),
         wait: std::time::Duration::from_secs(2),
     };
-    argus_bridge::pg::pool(url, size, timeouts).map_err(|e| match e {
-        argus_bridge::pg::PoolError::Url(e) => StartError::DatabaseUrl(e.to_string()),
-        e @ argus_bridge::pg::PoolError::Build(_) => StartError::Pool(e.to_string()),
+    argus_pipeline::pg::pool(url, size, timeouts).map_err(|e| match e {
+        argus_pipeline::pg::PoolError::Url(e) => StartError::DatabaseUrl(e.to_string()),
+        e @ argus_pipeline::pg::PoolError::Build(_) => StartError::Pool(e.to_string()),
     })
 }
 
@@ -92,7 +95,7 @@ impl AppState {
             pool.clone(),
             async_nats::jetstream::new(nats.clone()),
         );
-        let pipeline = Pipeline::new(sink, task);
+        let submitter = Submitter::new(sink, task);
         let certificates = match &config.pki_dir {
             Some(dir) => {
                 let mut cert = CertState::load(
@@ -116,7 +119,7 @@ impl AppState {
             pool,
             nats,
             registry,
-            pipeline,
+            submitter,
             certificates,
         ))
     }
@@ -126,21 +129,24 @@ impl AppState {
         pool: deadpool_postgres::Pool,
         nats: async_nats::Client,
         registry: Registry,
-        pipeline: Pipeline,
+        submitter: Submitter,
         certificates: Option<CertState>,
     ) -> AppState {
         let limits = config.limits.clone();
+        // The recorder first, then the `# HELP` text and the zero series.
+        let metrics = crate::metrics::prometheus_handle();
+        crate::metrics::describe();
         AppState {
             inner: Arc::new(Inner {
                 usage: KeyUsage::start(pool.clone()),
                 limiter: RateLimiter::new(limits.rate_limit_per_device, limits.rate_limit_burst),
                 admin: config.admin_token.clone(),
-                metrics: crate::metrics::prometheus_handle(),
+                metrics,
                 draining: AtomicBool::new(false),
                 pool,
                 nats,
                 registry,
-                pipeline,
+                submitter,
                 certificates,
                 limits,
                 config,
@@ -157,8 +163,9 @@ impl AppState {
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
     }
-    pub fn pipeline(&self) -> &Pipeline {
-        &self.inner.pipeline
+    /// Hands a request's readings to the sink and waits until they are durable.
+    pub fn submitter(&self) -> &Submitter {
+        &self.inner.submitter
     }
     pub fn admin(&self) -> &AdminToken {
         &self.inner.admin
@@ -198,5 +205,78 @@ impl AppState {
             .registry
             .invalidate(Invalidation::api_key(&digest))
             .await
+    }
+}
+
+/// What the certificate endpoints need.
+#[derive(Clone)]
+pub struct CertState {
+    /// The CA. Shared without a mutex: every change to its directory takes the directory's
+    /// lock file, so the CLI may run beside the server.
+    pub ca: Arc<Ca>,
+    pub pool: deadpool_postgres::Pool,
+    pub admin: AdminToken,
+    /// A pid file of the broker (the local stack's Mosquitto): it gets SIGHUP after every
+    /// CRL change, so a revocation takes effect within a second. `None`: reload it yourself.
+    pub broker_pid_file: Option<PathBuf>,
+}
+
+impl CertState {
+    pub fn new(ca: Arc<Ca>, pool: deadpool_postgres::Pool, admin: AdminToken) -> CertState {
+        CertState {
+            ca,
+            pool,
+            admin,
+            broker_pid_file: None,
+        }
+    }
+
+    /// Loads the CA from `pki_dir` (`argus-pki init --dir`); `crl_url` is the distribution
+    /// point written into certificates (default [`argus_pki::DEFAULT_CRL_URL`]).
+    pub fn load(
+        pki_dir: &Path,
+        crl_url: Option<String>,
+        pool: deadpool_postgres::Pool,
+        admin: AdminToken,
+    ) -> Result<CertState, PkiError> {
+        let mut ca = Ca::load(pki_dir)?;
+        if let Some(url) = crl_url {
+            ca = ca.with_crl_url(url);
+        }
+        Ok(CertState::new(Arc::new(ca), pool, admin))
+    }
+
+    pub fn with_broker_pid_file(mut self, path: impl Into<PathBuf>) -> CertState {
+        self.broker_pid_file = Some(path.into());
+        self
+    }
+
+    /// SIGHUP to the broker after a CRL change (best effort, logged).
+    pub(crate) fn reload_broker(&self) {
+        let Some(path) = &self.broker_pid_file else {
+            return;
+        };
+        let pid = match std::fs::read_to_string(path) {
+            Ok(text) => text.trim().to_string(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "Cannot read the broker pid file; reload the broker by hand.");
+                return;
+            }
+        };
+        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            tracing::warn!(path = %path.display(), "The broker pid file holds no pid.");
+            return;
+        }
+        match std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(&pid)
+            .status()
+        {
+            Ok(s) if s.success() => {
+                tracing::info!(%pid, "Sent SIGHUP to the broker (CRL changed).")
+            }
+            Ok(s) => tracing::warn!(%pid, status = %s, "Could not signal the broker."),
+            Err(e) => tracing::warn!(%pid, error = %e, "Could not signal the broker."),
+        }
     }
 }

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use argus_ingest_http::admin::AdminToken;
-use argus_ingest_http::certificates::{router, CertState};
+use argus_ingest_http::certificates::{standalone as router, CertState};
 use argus_pki::Ca;
 use argus_testkit::pg::TestDb;
 use reqwest::StatusCode;

@@ -243,7 +243,7 @@ async fn per_message_rate(
     .await?;
     let name = format!("LT_BASELINE_PM_{}", run_id.to_uppercase());
     let prefix = format!("loadtest.baseline-pm.{run_id}");
-    let (storage, replicas) = match js.get_stream("TELEMETRY_RAW_V1").await {
+    let (storage, replicas) = match js.get_stream(argus_schema::streams::RAW_STREAM).await {
         Ok(mut s) => {
             let i = s.info().await?;
             (i.config.storage, i.config.num_replicas)

@@ -54,13 +54,13 @@ pub struct CommonArgs {
     #[arg(
         long,
         env = "ARGUS_LOADTEST_RAW_STREAM",
-        default_value = "TELEMETRY_RAW_V1"
+        default_value = argus_schema::streams::RAW_STREAM
     )]
     pub raw_stream: String,
     #[arg(
         long,
         env = "ARGUS_LOADTEST_DLQ_STREAM",
-        default_value = "TELEMETRY_DLQ"
+        default_value = argus_schema::streams::DLQ_STREAM
     )]
     pub dlq_stream: String,
     /// How long to wait after the last send for every acked message to show up.

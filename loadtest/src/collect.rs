@@ -5,6 +5,7 @@
 //! see every message of the run and nothing older. Messages of other runs (a shared stack)
 //! are skipped by their `runId`.
 
+use argus_pipeline::backoff::Backoff;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -16,10 +17,13 @@ use crate::accounting::Counts;
 use crate::latency::Latencies;
 use crate::payload::{find_marker_in_record, now_ns};
 
-/// Raw stream subject prefix (`telemetry.raw.v1.<deviceId>`).
-pub const RAW_SUBJECT_PREFIX: &str = "telemetry.raw.v1";
-/// Dead-letter subjects (`telemetry.dlq.<reason>`).
-pub const DLQ_SUBJECTS: &str = "telemetry.dlq.>";
+/// Raw stream subject prefix (`telemetry.raw.v1.<deviceId>`) and the dead-letter
+/// subjects (`telemetry.dlq.<reason>`), from the topology in `argus-schema`.
+pub use argus_schema::streams::{DLQ_SUBJECTS, RAW_SUBJECTS, RAW_SUBJECT_PREFIX};
+
+/// Retries of a consumer or of the Postgres count: 100 ms doubling up to 2 s.
+const RETRY_INITIAL: std::time::Duration = std::time::Duration::from_millis(100);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// Up to this many devices get one consumer each, filtered on the device's own subject;
 /// above it one consumer reads `telemetry.raw.v1.>` and skips other runs' messages
 /// (nats-server 2.9 has no multi-subject filters).
@@ -97,7 +101,7 @@ pub async fn spawn_collector(
             // counted is counted again.
             let mut last = start_after;
             let mut messages = Some(messages);
-            let mut backoff = std::time::Duration::from_millis(100);
+            let mut backoff = Backoff::between(RETRY_INITIAL, RETRY_MAX);
             loop {
                 let mut msgs = match messages.take() {
                     Some(m) => m,
@@ -119,8 +123,7 @@ pub async fn spawn_collector(
                             Ok(m) => m,
                             Err(e) => {
                                 tracing::warn!(stream = %stream_name, error = %e, "Cannot make the consumer again; retrying.");
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                                tokio::time::sleep(backoff.next_delay()).await;
                                 continue;
                             }
                         }
@@ -134,7 +137,7 @@ pub async fn spawn_collector(
                             continue;
                         }
                     };
-                    backoff = std::time::Duration::from_millis(100);
+                    backoff.reset();
                     if let Ok(info) = msg.info() {
                         if info.stream_sequence <= last {
                             continue;
@@ -175,7 +178,7 @@ pub fn raw_filters(devices: &[Uuid]) -> Vec<String> {
             .map(|d| format!("{RAW_SUBJECT_PREFIX}.{d}"))
             .collect()
     } else {
-        vec![format!("{RAW_SUBJECT_PREFIX}.>")]
+        vec![RAW_SUBJECTS.to_string()]
     }
 }
 
@@ -292,7 +295,7 @@ impl PgConn {
         run_id: &str,
         deadline: std::time::Instant,
     ) -> anyhow::Result<Counts> {
-        let mut backoff = std::time::Duration::from_millis(100);
+        let mut backoff = Backoff::between(RETRY_INITIAL, RETRY_MAX);
         loop {
             let r = match self.ensure_open().await {
                 Ok(()) => postgres_counts(&self.client, devices, run_id).await,
@@ -309,8 +312,7 @@ impl PgConn {
                 ));
             }
             tracing::warn!(error = %format!("{e:#}"), "Postgres unavailable for the accounting; retrying.");
-            tokio::time::sleep(backoff.min(deadline - now)).await;
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+            tokio::time::sleep(backoff.next_delay().min(deadline - now)).await;
         }
     }
 

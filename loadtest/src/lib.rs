@@ -9,6 +9,7 @@
 //!   stop; [`baseline`]: each part alone (broker, COPY, JetStream, per-message design).
 //! - [`cli`]: clap arguments, every flag with an `env` twin.
 //! - [`mqtt`]: mTLS QoS 1 publishers (rumqttc), PUBACKs counted per packet id.
+//! - [`acks`]: matching PUBACKs to messages across reconnects (pure bookkeeping).
 //! - [`http`]: API keys through the admin API, concurrent single/batch readings (reqwest).
 //! - [`devices`]: the run's devices in Postgres and their certificates from `argus_pki`.
 //! - [`run`]: the measuring harness: collectors first, senders, settle, report.

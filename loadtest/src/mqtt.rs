@@ -18,6 +18,7 @@
 //! Mosquitto still PUBACKs refused QoS 1 publishes, so those messages show up as lost: use
 //! it only with a permissive ACL.
 
+use argus_pipeline::backoff::Backoff;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -263,7 +264,7 @@ async fn run_connection(
     // Sessions that got a CONNACK.
     let mut sessions: u64 = 0;
     let mut down_since: Option<Instant> = None;
-    let mut backoff = RECONNECT_INITIAL;
+    let mut backoff = Backoff::between(RECONNECT_INITIAL, RECONNECT_MAX);
     let mut losses: Vec<String> = Vec::new();
     loop {
         // Whatever an earlier session left unacknowledged is published again.
@@ -296,7 +297,7 @@ async fn run_connection(
         if established {
             losses.push(e.clone());
             down_since = Some(now);
-            backoff = RECONNECT_INITIAL;
+            backoff.reset();
         }
         let since = down_since.unwrap_or(now);
         if ack_deadline.is_some_and(|d| now >= d) || now.duration_since(since) >= plan.ack_timeout {
@@ -307,8 +308,7 @@ async fn run_connection(
             ));
             break;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(RECONNECT_MAX);
+        tokio::time::sleep(backoff.next_delay()).await;
     }
     result.reconnects = sessions.saturating_sub(1);
     if !losses.is_empty() {

@@ -88,7 +88,7 @@ impl Pacer {
 
 /// Parses `250ms`, `1.5s`, `2m`, `1h`, or a bare number of seconds (the bridge's parser,
 /// so every Argus binary reads durations alike).
-pub use argus_bridge::config::parse_duration;
+pub use argus_pipeline::flags::parse_duration;
 
 #[cfg(test)]
 mod tests {

@@ -53,11 +53,39 @@ pub const SERVER_DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Deliveries per message before the server gives up on it (plan §3.3).
 pub const MAX_DELIVER: i64 = 3;
 
+// Subject and stream names of the two streams the ingestion edge writes, defined once
+// here; `argus-pipeline` (envelope, dead letters), the load tester and the tests take
+// them from these constants. A macro, so that the `>` wildcards below are built from
+// the same literal at compile time.
+macro_rules! raw_prefix {
+    () => {
+        "telemetry.raw.v1"
+    };
+}
+macro_rules! dlq_prefix {
+    () => {
+        "telemetry.dlq"
+    };
+}
+
+/// The raw telemetry stream: every accepted reading, once.
+pub const RAW_STREAM: &str = "TELEMETRY_RAW_V1";
+/// Subject prefix of [`RAW_STREAM`]; the device id is the last token.
+pub const RAW_SUBJECT_PREFIX: &str = raw_prefix!();
+/// Every subject of [`RAW_STREAM`].
+pub const RAW_SUBJECTS: &str = concat!(raw_prefix!(), ".>");
+/// The dead-letter stream: refused input, with its reason.
+pub const DLQ_STREAM: &str = "TELEMETRY_DLQ";
+/// Subject prefix of [`DLQ_STREAM`]; the reason is the last token.
+pub const DLQ_SUBJECT_PREFIX: &str = dlq_prefix!();
+/// Every subject of [`DLQ_STREAM`].
+pub const DLQ_SUBJECTS: &str = concat!(dlq_prefix!(), ".>");
+
 /// The plan's six streams: limits retention, file storage, discard old.
 pub const STREAMS: &[StreamSpec] = &[
     StreamSpec {
-        name: "TELEMETRY_RAW_V1",
-        subjects: &["telemetry.raw.v1.>"],
+        name: RAW_STREAM,
+        subjects: &[RAW_SUBJECTS],
         max_age: Duration::from_secs(7 * DAY),
         max_bytes: 10 * GIB,
         duplicate_window: Some(Duration::from_secs(120)),
@@ -91,8 +119,8 @@ pub const STREAMS: &[StreamSpec] = &[
         duplicate_window: None,
     },
     StreamSpec {
-        name: "TELEMETRY_DLQ",
-        subjects: &["telemetry.dlq.>"],
+        name: DLQ_STREAM,
+        subjects: &[DLQ_SUBJECTS],
         max_age: Duration::from_secs(30 * DAY),
         max_bytes: GIB,
         duplicate_window: None,
@@ -102,7 +130,7 @@ pub const STREAMS: &[StreamSpec] = &[
 /// The plan's six durable pull consumers.
 pub const CONSUMERS: &[ConsumerSpec] = &[
     ConsumerSpec {
-        stream: "TELEMETRY_RAW_V1",
+        stream: RAW_STREAM,
         durable: "demux-processor-group",
         ack_wait: Duration::from_secs(30),
     },
@@ -135,12 +163,12 @@ pub const CONSUMERS: &[ConsumerSpec] = &[
 
 /// Raw telemetry subject of one device: `telemetry.raw.v1.<deviceId>`.
 pub fn raw_subject(device_id: &uuid::Uuid) -> String {
-    format!("telemetry.raw.v1.{device_id}")
+    format!("{RAW_SUBJECT_PREFIX}.{device_id}")
 }
 
 /// Dead-letter subject: `telemetry.dlq.<reason>`.
 pub fn dlq_subject(reason: &str) -> String {
-    format!("telemetry.dlq.{reason}")
+    format!("{DLQ_SUBJECT_PREFIX}.{reason}")
 }
 
 fn nanos(d: Duration) -> u64 {

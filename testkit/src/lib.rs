@@ -7,6 +7,7 @@
 //! - [`nats`]: a JetStream server ([`nats::NatsServer`]) and a real cluster ([`nats::NatsCluster`]).
 //! - [`redis`]: a Redis server ([`redis::RedisServer`]).
 //! - [`mosquitto`]: a Mosquitto broker with the caller's configuration ([`mosquitto::Mosquitto`]).
+//! - [`process`]: a server child process that is killed when dropped (what every server above runs in).
 //!
 //! Binaries come from Debian's packages (`nats-server`, `redis-server`, `mosquitto`,
 //! `postgresql-15`); `compose/test` installs them. Panics here are deliberate: a test

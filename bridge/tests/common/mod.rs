@@ -475,7 +475,7 @@ pub fn numbered_payload(run: &str, n: usize) -> String {
 /// The message id the bridge derives for `payload` on `device`'s topic.
 pub fn expected_id(device: Uuid, payload: &str) -> Uuid {
     let v: serde_json::Value = serde_json::from_str(payload).unwrap();
-    argus_bridge::message_id::derive(
+    argus_pipeline::message_id::derive(
         device,
         &telemetry_topic(device),
         payload.as_bytes(),

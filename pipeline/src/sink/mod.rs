@@ -3,18 +3,16 @@
 //!
 //! ```ignore
 //! let (sink, task) = Sink::start(SinkConfig::default(), pg_pool, jetstream);
-//! // MQTT poll loop: never blocks.
-//! match sink.try_enqueue(vec![reading]) {
-//!     Ok(ticket) => { /* hand (ticket, publish) to the acker, in receive order */ }
-//!     Err(TryEnqueueError::Full(unit)) => { /* keep it; stop reading; retry */ }
-//!     Err(TryEnqueueError::Closed(_)) => { /* shutting down: do not ack */ }
-//! }
-//! // Acker: PUBACK only after the ticket resolves Ok.
+//! // A source's admit stage: waits while the sink is full (backpressure).
+//! let ticket = sink.enqueue(vec![reading]).await?; // Err(SinkClosed): shutting down, do not ack
+//! // Acknowledge only after the ticket resolves Ok (the MQTT acker does, in receive order).
 //! match ticket.await {
 //!     Ok(delivered) => { /* durable in Postgres and JetStream, or dead-lettered
-//!                           (delivered.dead_lettered): PUBACK */ }
+//!                           (delivered.dead_lettered): acknowledge */ }
 //!     Err(SinkError::Closed) => { /* do not ack; the broker redelivers */ }
 //! }
+//! // A caller that must never wait uses `try_enqueue`, which hands the unit back
+//! // (`TryEnqueueError::Full(unit)`) instead of waiting for space.
 //! // Shutdown: stop intake, then
 //! sink.close(); task.await; // flushes what is queued, resolves every ticket
 //! ```
@@ -48,71 +46,23 @@
 mod batcher;
 pub mod copy;
 mod flush;
+mod unit;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 pub use batcher::{Batchable, Batcher};
 pub use flush::FlushError;
+pub use unit::{Delivered, SinkConfig};
+use unit::{Health, Unit};
 
 use crate::dlq::DlqPublisher;
 use crate::metrics;
 use crate::reading::Reading;
-
-/// Sink configuration. Every field is a bridge flag (`--batch-size`, ...).
-#[derive(Debug, Clone)]
-pub struct SinkConfig {
-    /// Flush when this many readings are pending. Default 500.
-    pub batch_size: usize,
-    /// Flush when the oldest pending reading has waited this long. Default 20 ms.
-    pub batch_linger: Duration,
-    /// Readings the sink may hold (queued + batching + flushing) before
-    /// `enqueue` waits and `try_enqueue` returns `Full`. Default 10 000.
-    /// Size it from the broker inflight window × connections.
-    pub queue_capacity: usize,
-    /// First retry delay after a failed flush attempt. Default 100 ms.
-    pub retry_initial: Duration,
-    /// Retry delay cap. Default 5 s.
-    pub retry_max: Duration,
-    /// Time limit of one Postgres attempt (connect, COPY, commit). Default 30 s.
-    pub pg_timeout: Duration,
-    /// Time limit of one JetStream attempt (publish all, await all acks). Default 10 s.
-    pub publish_timeout: Duration,
-}
-
-impl Default for SinkConfig {
-    fn default() -> Self {
-        SinkConfig {
-            batch_size: 500,
-            batch_linger: Duration::from_millis(20),
-            queue_capacity: 10_000,
-            retry_initial: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
-            pg_timeout: Duration::from_secs(30),
-            publish_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// The outcome of a unit: every reading is durable in both stores or dead-lettered.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Delivered {
-    /// Readings in the unit.
-    pub readings: usize,
-    /// Readings that were already stored (a redelivery), or a second copy of
-    /// the same message in the same batch. No second row was written.
-    pub duplicates: usize,
-    /// Message ids of readings Postgres refused, now in `telemetry.dlq.unstorable`.
-    /// Empty in practice; the HTTP sidecar may report them per reading.
-    pub dead_lettered: Vec<Uuid>,
-}
 
 /// Why a ticket failed. It never fails for an outage (those are retried);
 /// only when the sink stops before the unit is durable.
@@ -169,73 +119,6 @@ impl std::future::Future for Ticket {
     }
 }
 
-/// One enqueued unit travelling through the sink.
-pub(crate) struct Unit {
-    readings: Vec<Reading>,
-    done: oneshot::Sender<Delivered>,
-    /// Held until the unit resolves: the queue bound counts in-flight readings.
-    _permit: OwnedSemaphorePermit,
-    enqueued_at: Instant,
-}
-
-impl Batchable for Unit {
-    fn weight(&self) -> usize {
-        self.readings.len()
-    }
-    fn enqueued_at(&self) -> Instant {
-        self.enqueued_at
-    }
-}
-
-/// The stage a health report is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stage {
-    Postgres,
-    JetStream,
-}
-
-/// Health shared between the sink tasks and handles: one flag per stage, so a
-/// healthy stage never masks the other one's outage.
-#[derive(Debug, Default)]
-struct Health {
-    pg_down: AtomicBool,
-    js_down: AtomicBool,
-    last_error: Mutex<Option<String>>,
-}
-
-impl Health {
-    fn flag(&self, stage: Stage) -> &AtomicBool {
-        match stage {
-            Stage::Postgres => &self.pg_down,
-            Stage::JetStream => &self.js_down,
-        }
-    }
-
-    fn is_healthy(&self) -> bool {
-        !self.pg_down.load(Ordering::Relaxed) && !self.js_down.load(Ordering::Relaxed)
-    }
-
-    fn ok(&self, stage: Stage) {
-        if self.flag(stage).swap(false, Ordering::Relaxed) {
-            let healthy = self.is_healthy();
-            metrics::sink_healthy(healthy);
-            if healthy {
-                if let Ok(mut e) = self.last_error.lock() {
-                    *e = None;
-                }
-            }
-        }
-    }
-
-    fn failed(&self, stage: Stage, error: String) {
-        self.flag(stage).store(true, Ordering::Relaxed);
-        metrics::sink_healthy(false);
-        if let Ok(mut e) = self.last_error.lock() {
-            *e = Some(error);
-        }
-    }
-}
-
 /// A cheap, cloneable handle to the sink.
 #[derive(Clone, Debug)]
 pub struct SinkHandle {
@@ -244,14 +127,6 @@ pub struct SinkHandle {
     capacity: usize,
     health: Arc<Health>,
     close: CancellationToken,
-}
-
-impl std::fmt::Debug for Unit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Unit")
-            .field("readings", &self.readings.len())
-            .finish()
-    }
 }
 
 /// Starts the sink.
@@ -303,7 +178,7 @@ impl SinkHandle {
     }
 
     /// Queues a unit if there is capacity now; never waits. For the MQTT poll
-    /// loop, which must never block (rumqttc deadlock, ARCHITECTURE.md trap 3).
+    /// loop, which must never block (the rumqttc manual-ack deadlock in `docs/bridge.md`).
     pub fn try_enqueue(&self, unit: Vec<Reading>) -> Result<Ticket, TryEnqueueError> {
         if self.close.is_cancelled() {
             return Err(TryEnqueueError::Closed(unit));
@@ -332,7 +207,7 @@ impl SinkHandle {
     /// The error of the last failed attempt, while unhealthy. No secrets: the
     /// text of a driver error.
     pub fn last_error(&self) -> Option<String> {
-        self.health.last_error.lock().ok().and_then(|e| e.clone())
+        self.health.last_error()
     }
 
     /// Readings the sink holds now (queued, batching, flushing).

@@ -19,8 +19,9 @@ use uuid::Uuid;
 
 use crate::reading::Reading;
 
-/// Subject prefix of the raw stream; the device id is the last token.
-pub const RAW_SUBJECT_PREFIX: &str = "telemetry.raw.v1";
+/// Subject prefix of the raw stream; the device id is the last token (defined with
+/// the topology in `argus-schema`).
+pub use argus_schema::streams::RAW_SUBJECT_PREFIX;
 
 /// `telemetry.raw.v1.<deviceId>`.
 pub fn subject(device_id: Uuid) -> String {

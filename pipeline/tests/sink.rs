@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use argus_bridge::envelope::Envelope;
-use argus_bridge::reading::{check, Limits, Reading, Source};
-use argus_bridge::sink::{Sink, SinkConfig, SinkHandle, Ticket};
+use argus_pipeline::envelope::Envelope;
+use argus_pipeline::reading::{check, Limits, Reading, Source};
+use argus_pipeline::sink::{Sink, SinkConfig, SinkHandle, Ticket};
 use argus_schema::seed::{DEMO_ORG_ID, SENSOR_IDS};
 use argus_testkit::nats::NatsServer;
 use argus_testkit::pg::{PgServer, TestDb};

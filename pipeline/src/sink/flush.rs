@@ -17,14 +17,15 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::{Bytes, BytesMut};
 use futures::SinkExt as _;
-use rand::Rng as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
+use super::batcher::Batcher;
 use super::copy::{self, COLUMNS};
-use super::{Batcher, Delivered, Health, SinkConfig, Stage, Unit};
+use super::unit::{Delivered, Health, SinkConfig, Stage, Unit};
+use crate::backoff::Backoff;
 use crate::dlq::{DeadLetter, DlqPublisher, DlqReason};
 use crate::reading::{Reading, Reject};
 use crate::{envelope, metrics};
@@ -87,35 +88,6 @@ impl FlushError {
     }
 }
 
-/// Exponential backoff with jitter.
-struct Backoff {
-    next: Duration,
-    initial: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(config: &SinkConfig) -> Self {
-        Backoff {
-            next: config.retry_initial,
-            initial: config.retry_initial,
-            max: config.retry_max.max(config.retry_initial),
-        }
-    }
-
-    /// The next delay: uniform in [d/2, d], then d doubles up to the cap.
-    fn delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (d * 2).min(self.max);
-        let half = d / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-}
-
 /// What Postgres made of each unique reading of a batch.
 #[derive(Debug)]
 enum Outcome {
@@ -175,7 +147,7 @@ async fn store_batch(
         .filter(|r| seen.insert(r.message_id))
         .collect();
     let mut outcome = HashMap::with_capacity(unique.len());
-    let mut backoff = Backoff::new(config);
+    let mut backoff = Backoff::between(config.retry_initial, config.retry_max);
     // Split on data errors until the refused readings are isolated.
     let mut todo: Vec<Range<usize>> = Vec::with_capacity(8);
     todo.push(0..unique.len());
@@ -231,7 +203,7 @@ async fn store_with_retry(
             }
             Err(e) => {
                 metrics::flush_retry("postgres");
-                let delay = backoff.delay();
+                let delay = backoff.next_delay();
                 tracing::warn!(rows = part.len(), error = %e.short(), retry_in = ?delay,
                     "Postgres write failed; retrying the batch.");
                 health.failed(Stage::Postgres, e.short());
@@ -378,7 +350,7 @@ async fn publish_batch(
         }
     }
 
-    let mut backoff = Backoff::new(config);
+    let mut backoff = Backoff::between(config.retry_initial, config.retry_max);
     let mut pending: Vec<&Outgoing> = outgoing.iter().collect();
     let mut dup_acks = 0usize;
     while !pending.is_empty() {
@@ -391,7 +363,7 @@ async fn publish_batch(
             Err((failed, dups, e)) => {
                 dup_acks += dups;
                 metrics::flush_retry("jetstream");
-                let delay = backoff.delay();
+                let delay = backoff.next_delay();
                 tracing::warn!(failed = failed.len(), error = %e, retry_in = ?delay,
                     "JetStream publish failed; retrying.");
                 health.failed(Stage::JetStream, e.to_string());
@@ -405,7 +377,7 @@ async fn publish_batch(
         while let Err(e) = dlq.publish(letter.clone()).await {
             metrics::flush_retry("dlq");
             health.failed(Stage::JetStream, e.to_string());
-            tokio::time::sleep(backoff.delay()).await;
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         health.ok(Stage::JetStream);
     }

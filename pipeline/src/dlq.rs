@@ -36,78 +36,11 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::reading::Reject;
+pub use crate::reject::{DlqReason, Reject};
 
-/// Subject prefix of dead letters; the reason is the last token.
-pub const DLQ_SUBJECT_PREFIX: &str = "telemetry.dlq";
-
-/// Why a message was dead-lettered. A bounded set: it is the last subject token
-/// and a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DlqReason {
-    /// The topic is not `devices/<uuid>/telemetry`.
-    BadTopic,
-    /// The payload is not valid UTF-8.
-    NotUtf8,
-    /// The payload is UTF-8 but not valid JSON.
-    InvalidJson,
-    /// The payload is valid JSON but not an object.
-    NotObject,
-    /// The payload is larger than the configured limit.
-    Oversize,
-    /// The device id from the topic is not registered.
-    UnknownDevice,
-    /// The device exists but its status is not `active`.
-    DisabledDevice,
-    /// A known field (`timestamp`, `correlationId`, `sequenceNumber`,
-    /// `totalChunks`, `messageId`) has the wrong type or range.
-    InvalidField,
-    /// Postgres rejected the reading itself (e.g. a `\u0000` in a JSON string,
-    /// which `jsonb` cannot hold). Found by the sink when it splits a failing
-    /// batch down to the single reading.
-    Unstorable,
-}
-
-impl DlqReason {
-    /// Every reason, e.g. to pre-register metric series.
-    pub const ALL: [DlqReason; 9] = [
-        DlqReason::BadTopic,
-        DlqReason::NotUtf8,
-        DlqReason::InvalidJson,
-        DlqReason::NotObject,
-        DlqReason::Oversize,
-        DlqReason::UnknownDevice,
-        DlqReason::DisabledDevice,
-        DlqReason::InvalidField,
-        DlqReason::Unstorable,
-    ];
-
-    /// The snake_case name: subject token, metric label, `reason` field.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            DlqReason::BadTopic => "bad_topic",
-            DlqReason::NotUtf8 => "not_utf8",
-            DlqReason::InvalidJson => "invalid_json",
-            DlqReason::NotObject => "not_object",
-            DlqReason::Oversize => "oversize",
-            DlqReason::UnknownDevice => "unknown_device",
-            DlqReason::DisabledDevice => "disabled_device",
-            DlqReason::InvalidField => "invalid_field",
-            DlqReason::Unstorable => "unstorable",
-        }
-    }
-
-    /// The subject this reason's letters are published to: `telemetry.dlq.<reason>`.
-    pub fn subject(self) -> String {
-        format!("{DLQ_SUBJECT_PREFIX}.{}", self.as_str())
-    }
-}
-
-impl std::fmt::Display for DlqReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Subject prefix of dead letters; the reason is the last token (defined with the
+/// topology in `argus-schema`).
+pub use argus_schema::streams::DLQ_SUBJECT_PREFIX;
 
 /// One rejected message, as it will be recorded.
 #[derive(Debug, Clone)]
@@ -319,13 +252,5 @@ mod tests {
             serde_json::from_slice(&letter(b"\xff\xfe\x00").encode()).unwrap();
         assert_eq!(v["payloadBase64"], "//4A");
         assert!(v.get("payload").is_none());
-    }
-
-    #[test]
-    fn subjects_and_names() {
-        assert_eq!(DlqReason::Unstorable.subject(), "telemetry.dlq.unstorable");
-        let names: std::collections::HashSet<_> =
-            DlqReason::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(names.len(), DlqReason::ALL.len());
     }
 }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use argus_bridge::registry::{DeviceStatus, Invalidation, Registry, RegistryConfig, RegistryStats};
+use argus_pipeline::registry::{
+    DeviceStatus, Invalidation, Registry, RegistryConfig, RegistryStats,
+};
 use argus_testkit::pg::TestDb;
 use argus_testkit::redis::RedisServer;
 use sha2::{Digest, Sha256};

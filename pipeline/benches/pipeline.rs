@@ -1,11 +1,11 @@
 //! Hot code of the pipeline: topic parsing, payload checks, message-id
 //! hashing, envelope encoding and COPY row encoding. Run with
-//! `cargo bench -p argus-bridge --bench pipeline`.
+//! `cargo bench -p argus-pipeline --bench pipeline`.
 
 use std::hint::black_box;
 
-use argus_bridge::reading::{check, check_payload, parse_topic, Limits, Reading, Source};
-use argus_bridge::{envelope, message_id, sink};
+use argus_pipeline::reading::{check, check_payload, parse_topic, Limits, Reading, Source};
+use argus_pipeline::{envelope, message_id, sink};
 use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};

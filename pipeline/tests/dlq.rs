@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use argus_bridge::dlq::{DeadLetter, DlqPublisher};
-use argus_bridge::reading::{check, Limits, Reject};
+use argus_pipeline::dlq::{DeadLetter, DlqPublisher};
+use argus_pipeline::reading::{check, Limits, Reject};
 use argus_testkit::nats::NatsServer;
 use async_nats::jetstream;
 use bytes::Bytes;

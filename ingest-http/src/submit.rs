@@ -1,4 +1,5 @@
-//! The seam between HTTP and the bridge's batching sink ([`argus_bridge::sink`]).
+//! [`Submitter`]: hands one request's readings to the shared batching sink
+//! ([`argus_pipeline::sink`]) and waits until they are durable.
 //!
 //! One request = one unit: its readings go to the sink together and are committed in
 //! one Postgres transaction (all or none), then published to JetStream with their
@@ -12,8 +13,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use argus_bridge::reading::Reading;
-use argus_bridge::sink::{Delivered, SinkHandle};
+use argus_pipeline::reading::Reading;
+use argus_pipeline::sink::{Delivered, SinkHandle};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -32,14 +33,15 @@ pub enum SubmitError {
     DeadLettered(Vec<Uuid>),
 }
 
-/// Handle to the sink and its task.
+/// Submits units to the sink (one request = one unit, bounded by the durability
+/// timeout), and owns the sink's task for the drain at shutdown.
 #[derive(Debug)]
-pub struct Pipeline {
+pub struct Submitter {
     sink: SinkHandle,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Pipeline {
+impl Submitter {
     pub fn new(sink: SinkHandle, task: JoinHandle<()>) -> Self {
         Self {
             sink,

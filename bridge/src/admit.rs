@@ -1,0 +1,112 @@
+//! The admit stage: what happens to one MQTT message between the source and the
+//! sink, in receive order per connection.
+//!
+//! ```text
+//! Message ──> reading::check ──> Registry (device -> tenant) ──> SinkHandle::enqueue ──> Durable
+//!                  '── reject ───────────'── unknown / not active ──> DlqPublisher ──> Durable
+//! ```
+//!
+//! [`Admit::admit`] returns once the message has a place in the sink (it waits
+//! while the sink is full: backpressure) or its dead letter is on its way; the
+//! returned [`Durable`] completes when it is stored and published, or
+//! dead-lettered. The source acknowledges it then.
+
+use std::time::Duration;
+
+use argus_pipeline::backoff::Backoff;
+use argus_pipeline::dlq::{DeadLetter, DlqPublisher};
+use argus_pipeline::reading::{self, Limits, Reading, Reject, Source};
+use argus_pipeline::registry::Registry;
+use argus_pipeline::sink::SinkHandle;
+use futures::FutureExt as _;
+use tracing::warn;
+
+use crate::metrics;
+use crate::source::{Durable, Handler, Message, NotDurable};
+
+/// The admit stage between the source and the sink: checks, registry, DLQ.
+pub struct Admit {
+    pub sink: SinkHandle,
+    pub registry: Registry,
+    pub dlq: DlqPublisher,
+    pub limits: Limits,
+}
+
+impl Admit {
+    /// Writes a dead letter in the background, retrying until it is
+    /// acknowledged; the returned future completes then (the message may then
+    /// be acknowledged). It never completes with success otherwise.
+    fn dead_letter(&self, reject: Reject, msg: Message) -> Durable {
+        metrics::rejected(reject.reason);
+        let letter = DeadLetter::new(
+            reject,
+            Some(msg.topic),
+            Some(msg.client_id.to_string()),
+            msg.received_at,
+            msg.payload,
+        );
+        let dlq = self.dlq.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_secs(5));
+            loop {
+                match dlq.publish(letter.clone()).await {
+                    Ok(()) => return,
+                    // DlqPublisher logs and counts the failure.
+                    Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+                }
+            }
+        });
+        Box::pin(task.map(|r| r.map_err(|e| NotDurable(format!("dead letter task: {e}")))))
+    }
+}
+
+impl Handler for Admit {
+    async fn admit(&self, msg: Message) -> Durable {
+        let checked = match reading::check(&msg.topic, &msg.payload, &self.limits) {
+            Ok(c) => c,
+            Err(reject) => return self.dead_letter(reject, msg),
+        };
+        // The registry retries nothing itself: while Postgres is unreachable
+        // (and the device is in no cache) wait here, which backs up this
+        // connection and, through the broker's inflight window, the broker.
+        let mut backoff = Backoff::new(Duration::from_secs(5));
+        let device = loop {
+            match self.registry.device(checked.device_id).await {
+                Ok(d) => break d,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(device_id = %checked.device_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Device look-up failed; retrying.");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        let tenant_id = match device {
+            None => return self.dead_letter(Reject::unknown_device(checked.device_id), msg),
+            Some(d) if !d.is_active() => {
+                return self.dead_letter(
+                    Reject::disabled_device(checked.device_id, d.status.as_str()),
+                    msg,
+                )
+            }
+            Some(d) => d.tenant_id,
+        };
+        let reading = Reading::from_checked(
+            checked,
+            tenant_id,
+            msg.payload,
+            msg.received_at,
+            Source::Mqtt,
+            Some(msg.topic),
+            Some(msg.client_id.to_string()),
+        );
+        // Waits while the sink is full: backpressure (see `source`).
+        match self.sink.enqueue(vec![reading]).await {
+            Ok(ticket) => Box::pin(
+                ticket.map(|r| r.map(|_| ()).map_err(|e| NotDurable(format!("sink: {e}")))),
+            ),
+            Err(e) => Box::pin(futures::future::ready(Err(NotDurable(format!(
+                "sink: {e}"
+            ))))),
+        }
+    }
+}

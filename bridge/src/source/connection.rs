@@ -1,0 +1,182 @@
+//! One connection's poll loop: connect, subscribe after every ConnAck, push each
+//! publish onto the intake, reconnect with backoff, and on shutdown drain and
+//! disconnect. The worker and the acker run beside it as tasks.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use argus_pipeline::backoff::Backoff;
+use chrono::Utc;
+use rumqttc::{AsyncClient, ConnectionError, Event, Incoming, MqttOptions, Outgoing, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::ack::{acker, bump_epoch, Epoch, Pending};
+use super::handler::Handler;
+use super::intake::{release_in_flight, Intake, Pushed, Received};
+use super::options::request_capacity;
+use super::worker::worker;
+use crate::config::MqttConfig;
+use crate::metrics;
+use crate::server::Status;
+
+/// Runs one connection: the poll loop here, the worker and the acker as tasks.
+pub async fn run_connection<H: Handler>(
+    cfg: MqttConfig,
+    conn: u16,
+    opts: MqttOptions,
+    handler: Arc<H>,
+    status: Status,
+    shutdown: CancellationToken,
+) {
+    let client_id: Arc<str> = opts.client_id().into();
+    let subscription = cfg.subscription();
+    let (client, mut eventloop) = AsyncClient::new(opts, request_capacity(cfg.max_inflight));
+    let epoch = Arc::new(Epoch::new());
+    let intake = Arc::new(Intake::default());
+    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(cfg.max_inflight);
+    // Cancelled by the acker when everything admitted has been acknowledged
+    // after the intake closed, so the poll loop can disconnect.
+    let drained = CancellationToken::new();
+
+    let worker = tokio::spawn(worker(
+        intake.clone(),
+        pending_tx,
+        handler,
+        client_id.clone(),
+        epoch.clone(),
+        shutdown.clone(),
+    ));
+    let acker = tokio::spawn(acker(
+        pending_rx,
+        client.clone(),
+        epoch.clone(),
+        client_id.clone(),
+        drained.clone(),
+    ));
+
+    let mut backoff = Backoff::new(cfg.reconnect_max);
+    let mut up = false;
+    let mut subscribed = false;
+    let mut current_epoch: u64 = epoch.get();
+    let mut dropped_while_draining: u64 = 0;
+    let mut overflow_warned = false;
+
+    loop {
+        if shutdown.is_cancelled() && (!up || drained.is_cancelled()) {
+            // Not connected (nothing more can be acknowledged on this
+            // session), or drained and the DISCONNECT could not be queued.
+            break;
+        }
+
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                backoff.reset();
+                if !up {
+                    up = true;
+                    metrics::mqtt_connected(conn, true);
+                }
+                info!(client_id = %client_id, session_present = ack.session_present, epoch = current_epoch, "Connected to the broker.");
+                // Subscribe after every ConnAck: required when the session is
+                // new, harmless when it was resumed.
+                if let Err(e) = client.try_subscribe(subscription.clone(), QoS::AtLeastOnce) {
+                    warn!(client_id = %client_id, error = %e, "Subscribe request not queued.");
+                }
+            }
+            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if refused {
+                    error!(client_id = %client_id, subscription = %subscription, "The broker refused the subscription (check the ACL).");
+                } else {
+                    info!(client_id = %client_id, subscription = %subscription, "Subscribed.");
+                    if !subscribed {
+                        // Ready once messages can flow, not merely connected.
+                        subscribed = true;
+                        status.connection_up();
+                    }
+                }
+            }
+            Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                metrics::received();
+                let r = Received {
+                    epoch: current_epoch,
+                    publish,
+                    at: Instant::now(),
+                    received_at: Utc::now(),
+                };
+                match intake.push(r) {
+                    Pushed::Closed => {
+                        // Draining: not admitted, not acknowledged; the
+                        // broker redelivers it when the session resumes.
+                        dropped_while_draining += 1;
+                    }
+                    Pushed::Queued(len) => {
+                        metrics::in_flight(1.0);
+                        if len > cfg.max_inflight && !overflow_warned {
+                            overflow_warned = true;
+                            metrics::intake_overflow();
+                            warn!(client_id = %client_id, max_inflight = cfg.max_inflight, queued = len, "More messages queued than --max-inflight: the broker's inflight window is larger; raise --max-inflight to match it.");
+                        }
+                    }
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                debug!(client_id = %client_id, "DISCONNECT sent.");
+                if shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if subscribed {
+                    subscribed = false;
+                    status.connection_down();
+                }
+                if up {
+                    up = false;
+                    metrics::mqtt_connected(conn, false);
+                }
+                // Everything received on the lost connection stays
+                // unacknowledged; acks for it are dropped from now on.
+                current_epoch = bump_epoch(&epoch, &mut eventloop);
+                // Their copies come again on the resumed session; processing
+                // the old ones would only hold up the new.
+                release_in_flight(intake.purge_before(current_epoch));
+                if shutdown.is_cancelled() || matches!(e, ConnectionError::RequestsDone) {
+                    break;
+                }
+                metrics::reconnected();
+                let delay = backoff.next_delay();
+                warn!(client_id = %client_id, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost or refused; reconnecting.");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+        }
+    }
+
+    if subscribed {
+        status.connection_down();
+    }
+    if up {
+        metrics::mqtt_connected(conn, false);
+    }
+    if dropped_while_draining > 0 {
+        info!(client_id = %client_id, count = dropped_while_draining, "Publishes received while draining were left to the broker.");
+    }
+    // Stop the worker and acker if they still run (connection lost during the
+    // drain); what they hold is not acknowledged and will be redelivered.
+    intake.close();
+    release_in_flight(intake.purge_before(u64::MAX));
+    worker.abort();
+    acker.abort();
+    let _ = worker.await;
+    let _ = acker.await;
+    drop(eventloop);
+    info!(client_id = %client_id, "MQTT connection closed.");
+}

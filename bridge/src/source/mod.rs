@@ -1,0 +1,101 @@
+//! The MQTT source: `--connections` shared-subscription connections per process,
+//! each with in-order, durable-only PUBACKs.
+//!
+//! Files: [`handler`] (what a message is handed to), [`tls`] and [`options`]
+//! (how a connection is set up), [`connection`] (the poll loop), [`intake`] (poll
+//! task to worker), [`worker`] (admits in order), [`ack`] (in-order PUBACKs).
+//!
+//! ## One connection, three tasks
+//!
+//! ```text
+//!  broker ──> poll task ──(intake)──> worker ──(pending, cap = max_inflight)──> acker ──> client.try_ack
+//!              ^  never awaits anything but EventLoop::poll   admit(): checks, registry,    awaits durability
+//!              '──────── request channel (cap = 2 * max_inflight + 16) <──────────────────'  in receive order
+//! ```
+//!
+//! - The **poll task** only drives [`rumqttc::EventLoop::poll`]. It stamps each
+//!   publish with its receive time and pushes it onto the intake, which never
+//!   blocks (see [`intake`]). The intake is bounded by the protocol: it
+//!   holds only unacknowledged messages of the current connection, and the
+//!   broker never has more than its inflight window of those outstanding;
+//!   entries of a lost connection are purged when it reconnects. A length
+//!   above `--max-inflight` means the broker's window is larger than
+//!   configured and is reported (metric and warning).
+//! - The **worker** awaits [`Handler::admit`] for one publish at a time, in
+//!   receive order: topic and payload checks, the registry look-up, and a place
+//!   in the sink (it waits there when the sink is full: backpressure). `admit`
+//!   returns a [`Durable`] future that completes when the message is stored and
+//!   published, or dead-lettered.
+//! - The **acker** awaits those futures in receive order and acknowledges each
+//!   with `try_ack`. The request channel holds more than the connection can
+//!   ever have unacknowledged, so `try_ack` does not find it full.
+//!
+//! Backpressure: when the sink is full the worker waits, the intake queue
+//! fills up to the broker's window, the broker stops sending (its inflight
+//! window is full of unacknowledged messages) and keeps the rest queued. The
+//! poll task keeps reading and writing (pings, acks) all the while.
+//!
+//! ## Sessions and reconnects
+//!
+//! Client ids are stable (`bridge-<replica>-<connection>`) and sessions
+//! persistent (`clean_session = false`), so a restarted replica resumes its
+//! sessions and the messages the broker queued for them (Mosquitto and EMQX keep serving a
+//! shared-subscription member's session while it is away: `docs/bridge.md`).
+//! After a disconnect the poll task waits with exponential backoff and jitter
+//! and polls again, which reconnects; it subscribes again after every ConnAck.
+//!
+//! Each connection attempt is an *epoch*. An acknowledgement is only sent on
+//! the connection that received the message: the broker redelivers everything
+//! unacknowledged when the session resumes, and the message id makes the copy
+//! harmless, whereas a stale packet id sent on a new connection could
+//! acknowledge a different message.
+
+mod ack;
+pub mod connection;
+pub mod handler;
+mod intake;
+pub mod options;
+pub mod tls;
+mod worker;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+pub use connection::run_connection;
+pub use handler::{Durable, Handler, Message, NotDurable};
+pub use options::mqtt_options;
+pub use tls::{tls_config, tls_configs, TlsError};
+
+use crate::config::MqttConfig;
+use crate::server::Status;
+
+/// Runs all `--connections` connections until `shutdown` is cancelled, then
+/// drains them: no new messages are admitted, admitted ones are acknowledged
+/// once durable, and each connection disconnects cleanly.
+pub async fn run<H: Handler>(
+    cfg: MqttConfig,
+    tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    handler: Arc<H>,
+    status: Status,
+    shutdown: CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for conn in 0..cfg.connections {
+        let opts = mqtt_options(&cfg, conn, tls.get(usize::from(conn)).cloned().flatten());
+        tasks.spawn(run_connection(
+            cfg.clone(),
+            conn,
+            opts,
+            handler.clone(),
+            status.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            error!(error = %e, "An MQTT connection task failed.");
+        }
+    }
+}

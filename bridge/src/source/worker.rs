@@ -1,0 +1,68 @@
+//! The worker of one connection: takes publishes off the intake in receive order,
+//! admits each through the [`Handler`] (it may wait there: backpressure) and
+//! queues the returned [`Durable`](super::handler::Durable) for the acker.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::ack::{Epoch, Pending};
+use super::handler::{Handler, Message};
+use super::intake::{release_in_flight, Intake};
+
+pub(super) async fn worker<H: Handler>(
+    intake: Arc<Intake>,
+    pending: mpsc::Sender<Pending>,
+    handler: Arc<H>,
+    client_id: Arc<str>,
+    epoch: Arc<Epoch>,
+    shutdown: CancellationToken,
+) {
+    let mut closed = false;
+    loop {
+        let r = tokio::select! {
+            biased;
+            () = shutdown.cancelled(), if !closed => {
+                // Stage 1 of shutdown: take no more publishes, but finish the
+                // ones already queued. (The poll task may be idle inside
+                // `poll`, so the worker closes the intake, not the poll task.)
+                info!(client_id = %client_id, "Stopping intake; draining admitted messages.");
+                intake.close();
+                closed = true;
+                continue;
+            }
+            r = intake.pop() => match r {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        if r.epoch != epoch.get() {
+            // Received on a connection that is gone: the broker sends it again.
+            release_in_flight(1);
+            continue;
+        }
+        let msg = Message {
+            topic: r.publish.topic.clone(),
+            payload: r.publish.payload.clone(),
+            client_id: client_id.clone(),
+            received_at: r.received_at,
+            dup: r.publish.dup,
+        };
+        let durable = handler.admit(msg).await;
+        // Keep only what the ack needs; the payload lives on in the sink.
+        let mut publish = r.publish;
+        publish.payload = Bytes::new();
+        let p = Pending {
+            epoch: r.epoch,
+            publish,
+            at: r.at,
+            durable,
+        };
+        if pending.send(p).await.is_err() {
+            break;
+        }
+    }
+}

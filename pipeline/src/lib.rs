@@ -1,0 +1,31 @@
+//! `argus-pipeline`: what every Argus source (the MQTT bridge, the HTTP sidecar)
+//! shares, from a message's bytes to "durable in Postgres and JetStream".
+//!
+//! Layout (data flows top to bottom):
+//! - [`reading`]: topic and payload checks; turns an accepted message into a [`reading::Reading`].
+//! - [`reject`]: why a message is refused: [`reject::DlqReason`] and [`reject::Reject`].
+//! - [`message_id`]: the deterministic message id (dedup key in Postgres and JetStream).
+//! - [`registry`]: device and API-key look-ups (memory -> Redis -> Postgres) with invalidation.
+//! - [`sink`]: batching, `COPY` into `telemetry_raw`, pipelined JetStream publishes.
+//! - [`envelope`]: the JSON envelope published to `TELEMETRY_RAW_V1`.
+//! - [`dlq`]: dead letters to `TELEMETRY_DLQ` with their reason.
+//! - [`metrics`]: every shared metric name, and the process's Prometheus recorder.
+//! - [`pg`]: the Postgres connection pool.
+//! - [`backoff`]: the one retry delay (exponential, capped, jittered).
+//! - [`flags`]: shared command-line flag blocks, `parse_duration`, `ConfigError`.
+//!
+//! Stream and subject names come from `argus_schema::streams`, which defines the
+//! topology. A source crate adds only what is its own: how messages arrive, how
+//! they are acknowledged, and its binary.
+
+pub mod backoff;
+pub mod dlq;
+pub mod envelope;
+pub mod flags;
+pub mod message_id;
+pub mod metrics;
+pub mod pg;
+pub mod reading;
+pub mod registry;
+pub mod reject;
+pub mod sink;
