@@ -6,7 +6,8 @@
 //! Layout:
 //! - [`config`]: flags with env twins (the shared blocks of [`argus_pipeline::flags`]
 //!   plus the sidecar's own), validated into [`config::Config`].
-//! - [`state`]: shared state (Postgres pool, NATS, registry, sink, limits) and start-up.
+//! - [`state`]: shared state (Postgres pool, NATS, registry, sink, limits, the
+//!   certificate API's [`state::CertState`]) and start-up.
 //! - [`ingest`]: `POST /api/v1/telemetry/ingest` (auth, limits, validation, durability).
 //! - [`request`]: the body's readings, validated with field paths.
 //! - [`submit`]: [`submit::Submitter`], one request = one sink unit, bounded by the

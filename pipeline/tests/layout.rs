@@ -4,6 +4,7 @@
 //!    that imports it back. A parent may use its child modules; a child never uses
 //!    what its parent defines (shared items live in a sibling instead).
 //! 2. No source file in `bridge/src` or `pipeline/src` is longer than about 500 lines.
+//! 3. Every `lib.rs` opens with `//!` docs that name each of its modules.
 //!
 //! A module's imports are the module paths it names outside comments, string
 //! literals and its inline `#[cfg(test)] mod tests`: `crate::a::b`, `super::x`,
@@ -239,5 +240,35 @@ fn source_files_stay_small_in_bridge_and_pipeline() {
         long.is_empty(),
         "split these along their seams (at most {MAX_LINES} lines):\n{}",
         long.join("\n")
+    );
+}
+
+#[test]
+fn every_lib_rs_names_its_modules_in_its_docs() {
+    let decl = Regex::new(r"(?m)^\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;").unwrap();
+    let mut missing = Vec::new();
+    for krate in CRATES {
+        let path = workspace().join(krate).join("src/lib.rs");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let docs: String = text
+            .lines()
+            .take_while(|l| l.starts_with("//!") || l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            !docs.trim().is_empty(),
+            "{krate}/src/lib.rs has no //! docs"
+        );
+        for m in decl.captures_iter(&text) {
+            let name = m.get(1).unwrap().as_str();
+            if !docs.contains(&format!("`{name}`")) {
+                missing.push(format!("{krate}: `{name}`"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "modules the crate docs do not name:\n{}",
+        missing.join("\n")
     );
 }
