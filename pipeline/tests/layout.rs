@@ -5,6 +5,8 @@
 //!    what its parent defines (shared items live in a sibling instead).
 //! 2. No source file in `bridge/src` or `pipeline/src` is longer than about 500 lines.
 //! 3. Every `lib.rs` opens with `//!` docs that name each of its modules.
+//! 4. The crate table in `docs/architecture.md` lists each crate's Argus
+//!    dependencies as its `Cargo.toml` declares them.
 //!
 //! A module's imports are the module paths it names outside comments, string
 //! literals and its inline `#[cfg(test)] mod tests`: `crate::a::b`, `super::x`,
@@ -271,4 +273,56 @@ fn every_lib_rs_names_its_modules_in_its_docs() {
         "modules the crate docs do not name:\n{}",
         missing.join("\n")
     );
+}
+
+/// `(normal, dev)` dependencies on other Argus crates, from one `Cargo.toml`.
+fn argus_deps(manifest: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+    let dep = Regex::new(r"^(argus-[a-z-]+)\s*(?:\.workspace\s*=|=)").unwrap();
+    let (mut normal, mut dev) = (BTreeSet::new(), BTreeSet::new());
+    let mut section = String::new();
+    for line in std::fs::read_to_string(manifest).unwrap().lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            section = line.to_string();
+        } else if let Some(c) = dep.captures(line) {
+            let name = c[1].to_string();
+            match section.as_str() {
+                "[dependencies]" => normal.insert(name),
+                "[dev-dependencies]" => dev.insert(name),
+                _ => false,
+            };
+        }
+    }
+    (normal, dev)
+}
+
+#[test]
+fn the_crate_table_in_the_architecture_doc_matches_the_manifests() {
+    let doc = std::fs::read_to_string(workspace().join("docs/architecture.md")).unwrap();
+    let row = Regex::new(r"(?m)^\| `(argus-[a-z-]+)`[^|]* \| ([^|]*) \|$").unwrap();
+    let name = Regex::new(r"`(argus-[a-z-]+)`").unwrap();
+    let mut rows = BTreeMap::new();
+    for c in row.captures_iter(&doc) {
+        let cell = &c[2];
+        let (normal, dev) = cell.split_once("[dev:").unwrap_or((cell, ""));
+        let names = |s: &str| -> BTreeSet<String> {
+            name.captures_iter(s).map(|n| n[1].to_string()).collect()
+        };
+        rows.insert(c[1].to_string(), (names(normal), names(dev)));
+    }
+    let crates: Vec<(String, &str)> = CRATES
+        .iter()
+        .map(|c| (format!("argus-{c}"), *c))
+        .chain([("argus-fuzz".to_string(), "fuzz")])
+        .collect();
+    for (krate, dir) in crates {
+        let actual = argus_deps(&workspace().join(dir).join("Cargo.toml"));
+        let documented = rows
+            .get(&krate)
+            .unwrap_or_else(|| panic!("docs/architecture.md has no row for {krate}"));
+        assert_eq!(
+            documented, &actual,
+            "docs/architecture.md's row for {krate} (normal, dev) differs from {dir}/Cargo.toml"
+        );
+    }
 }
