@@ -13,6 +13,7 @@
 //! - [`pg`]: the Postgres connection pool.
 //! - [`backoff`]: the one retry delay (exponential, capped, jittered).
 //! - [`flags`]: shared command-line flag blocks, `parse_duration`, `ConfigError`.
+//! - [`process`]: what every binary does at start and stop: logging, SIGTERM/SIGINT.
 //!
 //! Stream and subject names come from `argus_schema::streams`, which defines the
 //! topology. A source crate adds only what is its own: how messages arrive, how
@@ -25,6 +26,7 @@ pub mod flags;
 pub mod message_id;
 pub mod metrics;
 pub mod pg;
+pub mod process;
 pub mod reading;
 pub mod registry;
 pub mod reject;
