@@ -345,3 +345,58 @@ async fn health_ready_metrics_and_graceful_shutdown() {
     );
     assert_exactly_once(&stack, &expected).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_past_max_payload_does_not_stall_the_connection() {
+    // 180 KB of 0x01: under the bridge's 256 KiB limit, valid UTF-8, not JSON. Its
+    // dead letter escapes every byte to `\u0001` (~1.08 MB), over NATS's 1 MiB
+    // max_payload; written whole it would fail forever and the in-order acker would
+    // never acknowledge anything after it on this connection.
+    let stack = Stack::start(false).await;
+    let _bridge = stack.bridge_in_process(0).await;
+    let device = DEMO_DEVICE_ID;
+    let publisher = stack.device(device);
+    let topic = telemetry_topic(device);
+    let poison = vec![0x01u8; 180_000];
+
+    let mut good = Vec::new();
+    for n in 0..21 {
+        if n == 1 {
+            publisher.publish(&topic, poison.clone()).await;
+        }
+        let p = numbered_payload("poison", n);
+        publisher.publish(&topic, p.clone()).await;
+        good.push(p);
+    }
+    publisher.wait_acked(22, Duration::from_secs(20)).await;
+    wait_stored(&stack, good.len(), Duration::from_secs(15)).await;
+    let expected: HashSet<Uuid> = good.iter().map(|p| expected_id(device, p)).collect();
+    assert_exactly_once(&stack, &expected).await;
+
+    let js = stack.js().await;
+    let letters = stream_messages(&js, "TELEMETRY_DLQ").await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    let letter = &letters[0].body;
+    assert_eq!(letter["reason"], "invalid_json");
+    assert_eq!(letter["payloadTruncated"], true);
+    assert_eq!(letter["payloadBytes"], 180_000);
+    let kept = letter["payload"].as_str().expect("a text prefix");
+    assert!(!kept.is_empty() && poison.starts_with(kept.as_bytes()));
+
+    // The bridge acknowledged every message to the broker, the poison included:
+    // nothing stays in flight behind it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = argus_bridge::server::prometheus_handle().render();
+        let acks = metric_sum(&metrics, "argus_bridge_acks_total");
+        let in_flight = metric_sum(&metrics, "argus_bridge_in_flight_messages");
+        if acks >= 22.0 && in_flight == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bridge still holds messages: {acks} acked, {in_flight} in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

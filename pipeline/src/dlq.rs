@@ -24,6 +24,17 @@
 //! Each record carries a `Nats-Msg-Id` derived from (reason, topic, payload), so a
 //! redelivered bad message (a crash between the DLQ ack and the PUBACK) is not
 //! recorded twice within the stream's duplicate window.
+//!
+//! **A record always fits.** JSON escaping (`\u0001` for each control byte) and
+//! base64 make a record up to six times its payload, and NATS refuses a message over
+//! the server's `max_payload` (1 MiB by default) every time, so such a letter could
+//! never be written and its message never acknowledged. [`DlqPublisher`] therefore
+//! sizes each record against the connected server's `max_payload` (and an optional
+//! lower cap, [`DlqPublisher::with_max_record_bytes`]): past it, the record keeps the
+//! longest prefix of the payload that fits and says so with `payloadTruncated: true`,
+//! `payloadBytes` (the original length) and `payloadSha256` (hex SHA-256 of the
+//! original bytes). The rest of the payload is not kept anywhere: the broker forgets
+//! the message once it is acknowledged.
 
 use std::time::Duration;
 
@@ -83,8 +94,36 @@ impl DeadLetter {
         }
     }
 
-    /// The JSON record (see the module docs for its shape).
+    /// The JSON record (see the module docs for its shape), whole.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_prefix(self.payload.len())
+    }
+
+    /// The JSON record in at most `limit` bytes: whole when it fits, otherwise with
+    /// the longest payload prefix that fits, marked truncated (see the module docs).
+    /// Only a `limit` below the record's fixed fields (a few hundred bytes plus the
+    /// detail and topic) yields more than `limit` bytes: the record with no payload.
+    pub fn encode_within(&self, limit: usize) -> Vec<u8> {
+        let whole = self.encode();
+        if whole.len() <= limit {
+            return whole;
+        }
+        // The record grows with the prefix: binary search the longest one that fits.
+        let (mut fits, mut too_long) = (0, self.payload.len());
+        while too_long - fits > 1 {
+            let mid = fits + (too_long - fits) / 2;
+            if self.encode_prefix(mid).len() <= limit {
+                fits = mid;
+            } else {
+                too_long = mid;
+            }
+        }
+        self.encode_prefix(fits)
+    }
+
+    /// The record with the first `len` payload bytes (cut back to a character
+    /// boundary for text); truncated fields when `len` is short of the payload.
+    fn encode_prefix(&self, len: usize) -> Vec<u8> {
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
         struct Record<'a> {
@@ -101,12 +140,25 @@ impl DeadLetter {
             payload: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             payload_base64: Option<String>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            payload_truncated: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload_bytes: Option<usize>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload_sha256: Option<String>,
         }
+        let truncated = len < self.payload.len();
         let (text, b64) = match std::str::from_utf8(&self.payload) {
-            Ok(text) => (Some(text), None),
+            Ok(text) => {
+                let mut end = len.min(text.len());
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                (Some(&text[..end]), None)
+            }
             Err(_) => (
                 None,
-                Some(base64::engine::general_purpose::STANDARD.encode(&self.payload)),
+                Some(base64::engine::general_purpose::STANDARD.encode(&self.payload[..len])),
             ),
         };
         let record = Record {
@@ -121,6 +173,9 @@ impl DeadLetter {
             message_id: self.message_id,
             payload: text,
             payload_base64: b64,
+            payload_truncated: truncated,
+            payload_bytes: truncated.then_some(self.payload.len()),
+            payload_sha256: truncated.then(|| hex::encode(Sha256::digest(&self.payload))),
         };
         // Serializing a struct of strings and UUIDs into a Vec cannot fail.
         serde_json::to_vec(&record).unwrap_or_default()
@@ -156,11 +211,18 @@ pub enum DlqError {
 }
 
 impl DlqError {
-    /// Every DLQ failure is transient from the bridge's point of view (NATS
-    /// down, stream missing until the topology is applied): retry later, and
-    /// in the meantime do not acknowledge.
+    /// Decided from the error's kind: a letter over the server's `max_payload` can
+    /// never be written (the publisher sizes records so that this does not happen);
+    /// everything else (NATS down, no ack in time, the stream missing until the
+    /// topology is applied) may pass: retry later, and meanwhile do not acknowledge.
     pub fn is_retriable(&self) -> bool {
-        true
+        use jetstream::context::PublishErrorKind;
+        match self {
+            DlqError::Publish(e) | DlqError::Ack(e) => {
+                e.kind() != PublishErrorKind::MaxPayloadExceeded
+            }
+            DlqError::Timeout(_) => true,
+        }
     }
 }
 
@@ -169,16 +231,24 @@ impl DlqError {
 pub struct DlqPublisher {
     js: jetstream::Context,
     timeout: Duration,
+    max_record_bytes: Option<usize>,
 }
 
 impl DlqPublisher {
     /// Default time to wait for a JetStream ack.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// NATS's default `max_payload`, assumed while the server has not said its own
+    /// (before the first connect).
+    pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+    /// Room kept for the message's headers (`Nats-Msg-Id` and the header line), which
+    /// count against `max_payload` too.
+    pub const HEADER_ALLOWANCE: usize = 256;
 
     pub fn new(js: jetstream::Context) -> Self {
         DlqPublisher {
             js,
             timeout: Self::DEFAULT_TIMEOUT,
+            max_record_bytes: None,
         }
     }
 
@@ -186,6 +256,23 @@ impl DlqPublisher {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Caps records below what the server accepts (they are truncated past it).
+    pub fn with_max_record_bytes(mut self, bytes: usize) -> Self {
+        self.max_record_bytes = Some(bytes);
+        self
+    }
+
+    /// The largest record this publisher writes now: the connected server's
+    /// `max_payload` less [`Self::HEADER_ALLOWANCE`], or the configured cap if lower.
+    pub fn record_limit(&self) -> usize {
+        let server = match self.js.client().server_info().max_payload {
+            0 => Self::DEFAULT_MAX_PAYLOAD,
+            n => n,
+        };
+        let fits = server.saturating_sub(Self::HEADER_ALLOWANCE);
+        self.max_record_bytes.map_or(fits, |cap| cap.min(fits))
     }
 
     /// Publishes `letter` to `telemetry.dlq.<reason>` and awaits the JetStream
@@ -196,6 +283,11 @@ impl DlqPublisher {
         let result = self.publish_inner(&letter).await;
         match &result {
             Ok(()) => metrics::dead_lettered(letter.reason),
+            Err(e) if !e.is_retriable() => {
+                metrics::dlq_publish_failed();
+                tracing::error!(reason = %letter.reason, error = %e, record_limit = self.record_limit(),
+                    "Dead letter cannot be written: even with no payload it exceeds the server's max_payload; raise max_payload.");
+            }
             Err(e) => {
                 metrics::dlq_publish_failed();
                 tracing::warn!(reason = %letter.reason, error = %e, "Dead letter not written.");
@@ -205,8 +297,9 @@ impl DlqPublisher {
     }
 
     async fn publish_inner(&self, letter: &DeadLetter) -> Result<(), DlqError> {
+        let record = letter.encode_within(self.record_limit());
         let publish = jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(letter.encode()))
+            .payload(Bytes::from(record))
             .message_id(letter.dedup_id());
         let ack = self
             .js
@@ -244,6 +337,51 @@ mod tests {
         assert_eq!(v["receivedAt"], "2023-11-14T22:13:20.123456Z");
         assert_eq!(v["topic"], "devices/x/telemetry");
         assert_eq!(v["clientId"], "bridge-0-0");
+    }
+
+    #[test]
+    fn a_record_past_the_limit_keeps_a_prefix_its_length_and_hash() {
+        const LIMIT: usize = 1024 * 1024 - 256;
+        // Valid UTF-8, not JSON, and six times as long once escaped (`\u0001`).
+        let payload = vec![0x01u8; 180_000];
+        let mut l = letter(b"");
+        l.payload = Bytes::from(payload.clone());
+        assert!(l.encode().len() > LIMIT, "the whole record would not fit");
+        let record = l.encode_within(LIMIT);
+        assert!(record.len() <= LIMIT);
+        let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
+        assert_eq!(v["payloadTruncated"], true);
+        assert_eq!(v["payloadBytes"], 180_000);
+        assert_eq!(v["payloadSha256"], hex::encode(Sha256::digest(&payload)));
+        let kept = v["payload"].as_str().unwrap().as_bytes();
+        assert!(
+            kept.len() > 100_000,
+            "as much as fits is kept: {}",
+            kept.len()
+        );
+        assert!(payload.starts_with(kept));
+        // One byte more would not have fitted.
+        assert!(l.encode_prefix(kept.len() + 1).len() > LIMIT);
+
+        // Binary payloads keep a base64 prefix; text is cut at a character boundary.
+        l.payload = Bytes::from(vec![0xffu8; 900_000]);
+        let v: serde_json::Value = serde_json::from_slice(&l.encode_within(LIMIT)).unwrap();
+        let kept = base64::engine::general_purpose::STANDARD
+            .decode(v["payloadBase64"].as_str().unwrap())
+            .unwrap();
+        assert!(!kept.is_empty() && kept.iter().all(|b| *b == 0xff));
+        assert_eq!(v["payloadBytes"], 900_000);
+        l.payload = Bytes::from("é".repeat(1000));
+        let v: serde_json::Value = serde_json::from_slice(&l.encode_within(600)).unwrap();
+        assert!(v["payload"].as_str().unwrap().chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_record_that_fits_is_whole_and_unmarked() {
+        let l = letter(b"{oops");
+        assert_eq!(l.encode_within(l.encode().len()), l.encode());
+        let v: serde_json::Value = serde_json::from_slice(&l.encode_within(10_000)).unwrap();
+        assert!(v.get("payloadTruncated").is_none() && v.get("payloadBytes").is_none());
     }
 
     #[test]

@@ -163,3 +163,46 @@ async fn an_unwritable_dlq_is_an_error() {
     let dlq = DlqPublisher::new(js).with_timeout(Duration::from_secs(2));
     assert!(dlq.publish(rejected(&topic, b"nope")).await.is_err());
 }
+
+#[tokio::test]
+async fn a_letter_past_max_payload_is_written_truncated() {
+    // 180 KB of 0x01 is valid UTF-8 but not JSON; escaped to `\u0001` its whole record
+    // is ~1.08 MB, over the server's 1 MiB max_payload: unwritable until truncated.
+    let (_nats, js) = setup().await;
+    let dlq = DlqPublisher::new(js.clone());
+    let payload = vec![0x01u8; 180_000];
+    let topic = format!("devices/{DEVICE}/telemetry");
+    let reject = check(&topic, &payload, &Limits::default()).unwrap_err();
+    let letter = DeadLetter::new(
+        reject,
+        Some(topic.clone()),
+        Some("bridge-0-1".into()),
+        at(),
+        Bytes::from(payload.clone()),
+    );
+    let max_payload = js.client().server_info().max_payload;
+    assert!(
+        letter.encode().len() > max_payload,
+        "the case needs a record over the limit"
+    );
+    assert!(dlq.record_limit() < max_payload);
+
+    tokio::time::timeout(Duration::from_secs(10), dlq.publish(letter))
+        .await
+        .expect("written, not retried")
+        .expect("the truncated letter fits");
+
+    let msgs = letters(&js).await;
+    assert_eq!(msgs.len(), 1);
+    assert!(msgs[0].payload.len() <= max_payload);
+    let v: serde_json::Value = serde_json::from_slice(&msgs[0].payload).unwrap();
+    assert_eq!(v["reason"], "invalid_json");
+    assert_eq!(v["payloadTruncated"], true);
+    assert_eq!(v["payloadBytes"], 180_000);
+    use sha2::Digest as _;
+    assert_eq!(
+        v["payloadSha256"],
+        hex::encode(sha2::Sha256::digest(&payload))
+    );
+    assert!(payload.starts_with(v["payload"].as_str().unwrap().as_bytes()));
+}
