@@ -373,7 +373,13 @@ async fn a_dead_letter_past_max_payload_does_not_stall_the_connection() {
     let expected: HashSet<Uuid> = good.iter().map(|p| expected_id(device, p)).collect();
     assert_exactly_once(&stack, &expected).await;
 
+    // The letter is written beside the ordinary messages: wait for it.
     let js = stack.js().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while stream_count(&js, "TELEMETRY_DLQ").await < 1 {
+        assert!(std::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let letters = stream_messages(&js, "TELEMETRY_DLQ").await;
     assert_eq!(letters.len(), 1, "{letters:#?}");
     let letter = &letters[0].body;

@@ -105,11 +105,24 @@ impl DeadLetter {
     /// detail and topic) yields more than `limit` bytes: the record with no payload.
     pub fn encode_within(&self, limit: usize) -> Vec<u8> {
         let whole = self.encode();
-        if whole.len() <= limit {
+        if whole.len() <= limit || self.payload.is_empty() {
             return whole;
         }
-        // The record grows with the prefix: binary search the longest one that fits.
-        let (mut fits, mut too_long) = (0, self.payload.len());
+        // What the record costs with no payload (the truncation fields included), then
+        // as much payload as the rest of the budget holds once escaped or encoded.
+        let budget = limit.saturating_sub(self.encode_prefix(0).len());
+        let estimate = match std::str::from_utf8(&self.payload) {
+            Ok(text) => escaped_prefix_len(text, budget),
+            Err(_) => budget / 4 * 3,
+        }
+        .min(self.payload.len() - 1);
+        let record = self.encode_prefix(estimate);
+        if record.len() <= limit {
+            return record;
+        }
+        // The estimate follows serde_json's escaping; should it ever be off, binary
+        // search the longest prefix below it that fits.
+        let (mut fits, mut too_long) = (0, estimate);
         while too_long - fits > 1 {
             let mid = fits + (too_long - fits) / 2;
             if self.encode_prefix(mid).len() <= limit {
@@ -194,6 +207,25 @@ impl DeadLetter {
         h.update(&self.payload);
         hex::encode(h.finalize())
     }
+}
+
+/// The longest prefix of `text`, in bytes, whose JSON string escaping (as serde_json
+/// writes it: `\"`, `\\`, `\b \f \n \r \t`, `\u00XX` for other control characters,
+/// everything else as is) takes at most `budget` bytes.
+fn escaped_prefix_len(text: &str, budget: usize) -> usize {
+    let mut used = 0;
+    for (at, c) in text.char_indices() {
+        let cost = match c {
+            '"' | '\\' | '\u{08}' | '\u{0c}' | '\n' | '\r' | '\t' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if used + cost > budget {
+            return at;
+        }
+        used += cost;
+    }
+    text.len()
 }
 
 /// Writing a dead letter failed. The caller must not acknowledge the message.
@@ -374,6 +406,33 @@ mod tests {
         l.payload = Bytes::from("é".repeat(1000));
         let v: serde_json::Value = serde_json::from_slice(&l.encode_within(600)).unwrap();
         assert!(v["payload"].as_str().unwrap().chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn the_kept_prefix_is_the_longest_that_fits_whatever_the_escaping() {
+        let text = "a\"b\\c\nd\u{1}e\u{7f}é€😀\t".repeat(200);
+        let mut l = letter(b"");
+        l.payload = Bytes::from(text.clone());
+        let base = l.encode_prefix(0).len();
+        for limit in [
+            base,
+            base + 1,
+            base + 7,
+            base + 100,
+            base + 1001,
+            base + 4000,
+        ] {
+            let record = l.encode_within(limit);
+            assert!(record.len() <= limit, "{} > {limit}", record.len());
+            let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
+            let kept = v["payload"].as_str().unwrap();
+            assert!(text.starts_with(kept));
+            let next = text[kept.len()..].chars().next().map_or(0, char::len_utf8);
+            assert!(
+                l.encode_prefix(kept.len() + next).len() > limit,
+                "one more character would have fitted at limit {limit}"
+            );
+        }
     }
 
     #[test]
