@@ -9,6 +9,7 @@
 //! - [`sink`]: batching, `COPY` into `telemetry_raw`, pipelined JetStream publishes.
 //! - [`envelope`]: the JSON envelope published to `TELEMETRY_RAW_V1`.
 //! - [`dlq`]: dead letters to `TELEMETRY_DLQ` with their reason.
+//! - [`limits`]: the NATS server's `max_payload`, checked against each binary's payload limit at start-up and per reading.
 //! - [`metrics`]: every shared metric name, and the process's Prometheus recorder.
 //! - [`pg`]: the Postgres connection pool.
 //! - [`backoff`]: the one retry delay (exponential, capped, jittered).
@@ -23,6 +24,7 @@ pub mod backoff;
 pub mod dlq;
 pub mod envelope;
 pub mod flags;
+pub mod limits;
 pub mod message_id;
 pub mod metrics;
 pub mod pg;
