@@ -174,6 +174,26 @@ mod tests {
         }
     }
 
+    /// A reading as the sidecar builds it: no topic, no client id.
+    fn http_reading(payload: Bytes) -> Reading {
+        let id = Uuid::new_v4();
+        Reading {
+            message_id: id,
+            tenant_id: id,
+            device_id: id,
+            payload_size_bytes: payload.len() as i32,
+            payload,
+            device_timestamp: None,
+            correlation_id: None,
+            sequence_number: None,
+            total_chunks: None,
+            received_at: Utc::now(),
+            source: Source::Http,
+            mqtt_topic: None,
+            client_id: None,
+        }
+    }
+
     #[test]
     fn the_default_payload_limit_fits_the_default_server() {
         assert!(limits(1024 * 1024)
@@ -202,27 +222,12 @@ mod tests {
     fn the_overhead_bounds_every_real_envelope() {
         // An HTTP reading (no topic, no client id) and an MQTT one with a
         // long client id both stay within payload + overhead.
-        let id = Uuid::new_v4();
         let payload = Bytes::from_static(br#"{"temperature":21.5}"#);
-        let mut r = Reading {
-            message_id: id,
-            tenant_id: id,
-            device_id: id,
-            payload: payload.clone(),
-            payload_size_bytes: payload.len() as i32,
-            device_timestamp: None,
-            correlation_id: None,
-            sequence_number: None,
-            total_chunks: None,
-            received_at: Utc::now(),
-            source: Source::Http,
-            mqtt_topic: None,
-            client_id: None,
-        };
+        let mut r = http_reading(payload.clone());
         assert_eq!(envelope_len(&r), envelope::encode(&r).len());
         assert!(envelope_len(&r) <= payload.len() + envelope_overhead());
         r.source = Source::Mqtt;
-        r.mqtt_topic = Some(reading::canonical_topic(id));
+        r.mqtt_topic = Some(reading::canonical_topic(r.device_id));
         r.client_id = Some("bridge-0-7".into());
         assert_eq!(envelope_len(&r), envelope::encode(&r).len());
         assert!(envelope_len(&r) <= payload.len() + envelope_overhead());
@@ -230,22 +235,7 @@ mod tests {
 
     #[test]
     fn a_reading_over_the_server_limit_is_too_large() {
-        let id = Uuid::new_v4();
-        let r = Reading {
-            message_id: id,
-            tenant_id: id,
-            device_id: id,
-            payload: Bytes::from(vec![b' '; 1000]),
-            payload_size_bytes: 1000,
-            device_timestamp: None,
-            correlation_id: None,
-            sequence_number: None,
-            total_chunks: None,
-            received_at: Utc::now(),
-            source: Source::Http,
-            mqtt_topic: None,
-            client_id: None,
-        };
+        let r = http_reading(Bytes::from(vec![b' '; 1000]));
         let needed = envelope_len(&r) + DlqPublisher::HEADER_ALLOWANCE;
         assert_eq!(limits(needed).check_reading(&r), Ok(()));
         assert_eq!(
