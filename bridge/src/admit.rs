@@ -16,7 +16,7 @@ use std::time::Duration;
 use argus_pipeline::backoff::Backoff;
 use argus_pipeline::dlq::{DeadLetter, DlqPublisher};
 use argus_pipeline::reading::{self, Limits, Reading, Reject, Source};
-use argus_pipeline::registry::Registry;
+use argus_pipeline::registry::{DeviceInfo, Registry};
 use argus_pipeline::sink::SinkHandle;
 use futures::FutureExt as _;
 use tracing::warn;
@@ -33,9 +33,13 @@ pub struct Admit {
 }
 
 impl Admit {
-    /// Writes a dead letter in the background, retrying until it is
-    /// acknowledged; the returned future completes then (the message may then
-    /// be acknowledged). It never completes with success otherwise.
+    /// Writes a dead letter in the background, retrying transient failures
+    /// (decided by [`argus_pipeline::dlq::DlqError::is_retriable`]) until it is
+    /// acknowledged; the returned future completes then, and the message may be
+    /// acknowledged. A permanent failure (even an empty letter exceeds the
+    /// server's `max_payload`, which the start-up check rules out) also completes
+    /// it: the publisher has logged and counted it, and retrying could only
+    /// stall the connection forever.
     fn dead_letter(&self, reject: Reject, msg: Message) -> Durable {
         metrics::rejected(reject.reason);
         let letter = DeadLetter::new(
@@ -49,9 +53,10 @@ impl Admit {
         let task = tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_secs(5));
             loop {
+                // DlqPublisher logs and counts every failure.
                 match dlq.publish(letter.clone()).await {
                     Ok(()) => return,
-                    // DlqPublisher logs and counts the failure.
+                    Err(e) if !e.is_retriable() => return,
                     Err(_) => tokio::time::sleep(backoff.next_delay()).await,
                 }
             }
@@ -80,25 +85,10 @@ impl Handler for Admit {
                 }
             }
         };
-        let tenant_id = match device {
-            None => return self.dead_letter(Reject::unknown_device(checked.device_id), msg),
-            Some(d) if !d.is_active() => {
-                return self.dead_letter(
-                    Reject::disabled_device(checked.device_id, d.status.as_str()),
-                    msg,
-                )
-            }
-            Some(d) => d.tenant_id,
+        let reading = match route(checked, device.as_ref(), msg) {
+            Routed::Store(reading) => reading,
+            Routed::DeadLetter(reject, msg) => return self.dead_letter(reject, msg),
         };
-        let reading = Reading::from_checked(
-            checked,
-            tenant_id,
-            msg.payload,
-            msg.received_at,
-            Source::Mqtt,
-            Some(msg.topic),
-            Some(msg.client_id.to_string()),
-        );
         // Waits while the sink is full: backpressure (see `source`).
         match self.sink.enqueue(vec![reading]).await {
             Ok(ticket) => Box::pin(
@@ -109,4 +99,39 @@ impl Handler for Admit {
             ))))),
         }
     }
+}
+
+/// Where a checked message goes once its device is looked up.
+#[derive(Debug)]
+pub enum Routed {
+    /// From an active device: the reading to store.
+    Store(Reading),
+    /// Anything else: dead-letter the message with this reason.
+    DeadLetter(Reject, Message),
+}
+
+/// The rest of the admit decision once the device is looked up, without I/O. With
+/// [`reading::check`] before it, every message ends in exactly one of store or
+/// dead letter (the fuzz target `fuzz/fuzz_targets/admit.rs` drives both, with
+/// the intake's shedding before them).
+pub fn route(checked: reading::Checked, device: Option<&DeviceInfo>, msg: Message) -> Routed {
+    let tenant_id = match device {
+        None => return Routed::DeadLetter(Reject::unknown_device(checked.device_id), msg),
+        Some(d) if !d.is_active() => {
+            return Routed::DeadLetter(
+                Reject::disabled_device(checked.device_id, d.status.as_str()),
+                msg,
+            )
+        }
+        Some(d) => d.tenant_id,
+    };
+    Routed::Store(Reading::from_checked(
+        checked,
+        tenant_id,
+        msg.payload,
+        msg.received_at,
+        Source::Mqtt,
+        Some(msg.topic),
+        Some(msg.client_id.to_string()),
+    ))
 }

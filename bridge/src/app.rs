@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use argus_pipeline::dlq::DlqPublisher;
+use argus_pipeline::limits::PublishLimits;
 use argus_pipeline::pg;
 use argus_pipeline::reading::Limits;
 use argus_pipeline::registry::{Registry, RegistryConfig};
@@ -83,11 +84,18 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .connect(config.nats_urls.clone())
         .await
         .context("--nats-urls")?;
+    // The largest envelope and dead letter must fit the server's max_payload.
+    // NATS down at start-up: the check assumes NATS's default (1 MiB) and says so;
+    // a smaller server limit then shows per message (`docs/bridge.md`).
+    PublishLimits::from_server(&nats)
+        .await
+        .check_config(config.max_payload_bytes, "--max-payload-bytes")?;
     let js = async_nats::jetstream::new(nats.clone());
 
     let sink_config = SinkConfig {
         batch_size: config.batch_size,
         batch_linger: config.batch_linger,
+        batch_max_bytes: config.batch_max_bytes,
         // Every connection can have a full broker window admitted at once.
         queue_capacity: (config.mqtt.max_inflight * config.mqtt.connections as usize)
             .max(config.batch_size * 2),
@@ -114,7 +122,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let status = Status::default();
     let shutdown = CancellationToken::new();
     let server_stop = CancellationToken::new();
-    let checks = readiness_checks(pool, nats, sink.clone());
+    let unacked = source::Unacked::new(config.mqtt.connections);
+    let mut checks = readiness_checks(pool, nats, sink.clone());
+    checks.push(delivery_check(
+        unacked.clone(),
+        config.ready_max_unacked_age,
+    ));
     let (metrics_addr, server_task) = server::serve(
         config.metrics_addr,
         ServerState {
@@ -128,11 +141,17 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     .with_context(|| format!("--metrics-addr {}", config.metrics_addr))?;
     info!(%metrics_addr, replica = config.mqtt.replica, connections = config.mqtt.connections, subscription = %config.mqtt.subscription(), "Bridge started.");
 
+    tokio::spawn(
+        unacked
+            .clone()
+            .watch(config.ready_max_unacked_age, server_stop.clone()),
+    );
     let source_task = tokio::spawn(source::run(
         config.mqtt.clone(),
         tls,
         admit,
         status.clone(),
+        unacked,
         shutdown.clone(),
     ));
 
@@ -140,8 +159,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let timeout = config.shutdown_timeout;
     let task = tokio::spawn(async move {
         match &lease {
-            // A lost lease means another replica may take this slot: stop, so two
-            // processes never hold the same client ids.
+            // Another process took the slot while the lease connection was down:
+            // stop, so two processes do not keep sharing client ids.
             Some(lease) => tokio::select! {
                 () = token.cancelled() => {}
                 () = lease.lost.cancelled() => token.cancel(),
@@ -164,10 +183,13 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         let clean = tokio::time::timeout(timeout, drain).await.is_ok();
         server_stop.cancel();
         let _ = server_task.await;
-        let lost = lease.as_ref().is_some_and(|l| l.lost.is_cancelled());
+        let lost = lease
+            .as_ref()
+            .filter(|l| l.lost.is_cancelled())
+            .map(|l| l.slot);
         drop(lease);
-        if lost {
-            anyhow::bail!("the replica slot lease was lost");
+        if let Some(slot) = lost {
+            anyhow::bail!("replica slot {slot} is held by another process (its lease was lost and taken); stopped so two processes do not share its client ids");
         }
         if clean {
             info!("Bridge stopped cleanly.");
@@ -229,4 +251,11 @@ fn readiness_checks(
         Box::pin(futures::future::ready(r))
     });
     vec![("postgres", postgres), ("nats", nats), ("sink", sink)]
+}
+
+/// `/ready`'s `delivery` check: fails while a message has waited longer than
+/// `bound` without being acknowledged (`--ready-max-unacked-age`).
+fn delivery_check(unacked: source::Unacked, bound: Duration) -> (&'static str, Check) {
+    let check: Check = Arc::new(move || Box::pin(futures::future::ready(unacked.check(bound))));
+    ("delivery", check)
 }

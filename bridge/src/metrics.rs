@@ -4,7 +4,7 @@
 //! the recorder; [`describe`] registers both.
 //!
 //! Labels are bounded: `reason` (a [`DlqReason`]), `target` (`mqtt`), `connection`
-//! (the connection index, below `--connections`).
+//! (the connection index, below `--connections`), `qos` (`0`).
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
@@ -30,6 +30,24 @@ pub const INTAKE_OVERFLOW_TOTAL: &str = "argus_bridge_intake_overflow_total";
 /// Counter: acknowledgements dropped because the connection that received the
 /// message is gone (the broker redelivers the message).
 pub const STALE_ACKS_TOTAL: &str = "argus_bridge_stale_acks_total";
+/// Counter: QoS 0 messages not admitted because the intake was full (label `qos` = `0`).
+/// QoS 0 is at-most-once: the broker does not send them again.
+pub const SHED_TOTAL: &str = "argus_bridge_shed_total";
+/// Counter: QoS 1 messages not admitted because the intake was full (or had been
+/// full on this connection): left to the broker, which redelivers them.
+pub const LEFT_TO_BROKER_TOTAL: &str = "argus_bridge_left_to_broker_total";
+/// Counter: connections renewed after an intake-full episode, once everything
+/// queued was acknowledged, so the broker redelivers what was left to it.
+pub const INTAKE_FULL_DISCONNECTS_TOTAL: &str = "argus_bridge_intake_full_disconnects_total";
+/// Counter: DUP redeliveries of a packet id still outstanding on the same
+/// connection, not queued a second time.
+pub const DUP_SKIPPED_TOTAL: &str = "argus_bridge_dup_skipped_total";
+/// Gauge: 1 while this replica holds its `--replica auto` slot lease, 0 while it
+/// reconnects to take it again (absent with a fixed `--replica`).
+pub const LEASE_HELD: &str = "argus_bridge_lease_held";
+/// Gauge: seconds the oldest message not yet acknowledged (or, for QoS 0, not yet
+/// durable) has waited, over all connections; 0 when there is none.
+pub const OLDEST_UNACKED_SECONDS: &str = "argus_bridge_oldest_unacked_seconds";
 
 /// Registers `# HELP` text for every metric of the bridge and of the pipeline, and
 /// their zero series. Idempotent.
@@ -63,12 +81,42 @@ pub fn describe() {
         STALE_ACKS_TOTAL,
         "Acknowledgements dropped because their connection was gone."
     );
+    describe_counter!(
+        SHED_TOTAL,
+        "QoS 0 messages not admitted because the intake was full."
+    );
+    describe_counter!(
+        LEFT_TO_BROKER_TOTAL,
+        "QoS 1 messages not admitted because the intake was full; the broker redelivers them."
+    );
+    describe_counter!(
+        INTAKE_FULL_DISCONNECTS_TOTAL,
+        "Connections renewed after an intake-full episode so the broker redelivers."
+    );
+    describe_counter!(
+        DUP_SKIPPED_TOTAL,
+        "DUP redeliveries of a packet id still outstanding, not queued twice."
+    );
+    describe_gauge!(
+        OLDEST_UNACKED_SECONDS,
+        metrics::Unit::Seconds,
+        "Age of the oldest message not yet acknowledged."
+    );
+    describe_gauge!(
+        LEASE_HELD,
+        "1 while the --replica auto slot lease is held, 0 while it is being taken again."
+    );
+    counter!(SHED_TOTAL, "qos" => "0").absolute(0);
+    gauge!(OLDEST_UNACKED_SECONDS).set(0.0);
     for name in [
         RECEIVED_TOTAL,
         ACKS_TOTAL,
         RECONNECTS_TOTAL,
         INTAKE_OVERFLOW_TOTAL,
         STALE_ACKS_TOTAL,
+        INTAKE_FULL_DISCONNECTS_TOTAL,
+        LEFT_TO_BROKER_TOTAL,
+        DUP_SKIPPED_TOTAL,
     ] {
         counter!(name).absolute(0);
     }
@@ -100,6 +148,30 @@ pub fn stale_ack() {
 
 pub fn intake_overflow() {
     counter!(INTAKE_OVERFLOW_TOTAL).increment(1);
+}
+
+pub fn shed_qos0() {
+    counter!(SHED_TOTAL, "qos" => "0").increment(1);
+}
+
+pub fn left_to_broker() {
+    counter!(LEFT_TO_BROKER_TOTAL).increment(1);
+}
+
+pub fn intake_full_disconnect() {
+    counter!(INTAKE_FULL_DISCONNECTS_TOTAL).increment(1);
+}
+
+pub fn dup_skipped() {
+    counter!(DUP_SKIPPED_TOTAL).increment(1);
+}
+
+pub fn lease_held(held: bool) {
+    gauge!(LEASE_HELD).set(if held { 1.0 } else { 0.0 });
+}
+
+pub fn oldest_unacked(age: std::time::Duration) {
+    gauge!(OLDEST_UNACKED_SECONDS).set(age.as_secs_f64());
 }
 
 pub fn reconnected() {

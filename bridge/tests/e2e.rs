@@ -311,6 +311,13 @@ async fn health_ready_metrics_and_graceful_shutdown() {
     publisher.publish(&topic, "nope").await;
     publisher.wait_acked(201, Duration::from_secs(15)).await;
     wait_stored(&stack, 200, Duration::from_secs(15)).await;
+    // The broker acknowledged the device on receipt; the bridge acknowledges
+    // the broker only once a reading is stored and published (or dead-lettered).
+    wait_for("the bridge to ack all 201", Duration::from_secs(15), || {
+        argus_testkit::http_get(port, "/metrics")
+            .is_some_and(|(_, m)| metric_sum(&m, "argus_bridge_acks_total") >= 201.0)
+    })
+    .await;
     let (status, metrics) = argus_testkit::http_get(port, "/metrics").unwrap();
     assert_eq!(status, 200);
     for name in [

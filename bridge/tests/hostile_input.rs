@@ -271,11 +271,22 @@ fn table() -> Vec<Row> {
             r#"{"correlationId":"\ud800"}"#,
             Dlq("invalid_json"),
         ),
-        // Duplicate keys: the last wins, in the bridge and in jsonb alike.
+        // Duplicate keys: refused. Parsers disagree on which copy wins, so a check
+        // of one copy could be bypassed by the other.
         row(
             "duplicate keys",
             r#"{"sequenceNumber":"x","sequenceNumber":5,"dup":1,"dup":2}"#,
-            Stored,
+            Dlq("invalid_json"),
+        ),
+        row(
+            "duplicate key hiding U+0000 from the check",
+            r#"{"sequenceNumber":"\u0000","sequenceNumber":1}"#,
+            Dlq("invalid_json"),
+        ),
+        row(
+            "duplicate key in a nested object",
+            r#"{"m":{"t":1,"t":2}}"#,
+            Dlq("invalid_json"),
         ),
         // Timestamps.
         row(
@@ -450,7 +461,7 @@ fn raw_publish(port: u16, ca: &Path, id: &Identity, topic: &[u8], payload: &[u8]
     var.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30]);
     var.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     var.extend_from_slice(client_id.as_bytes());
-    s.write_all(&packet(0x10, &var)).unwrap();
+    s.write_all(&mqtt_packet(0x10, &var)).unwrap();
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).expect("CONNACK");
     assert_eq!(connack, [0x20, 2, 0, 0], "connection refused");
@@ -460,7 +471,7 @@ fn raw_publish(port: u16, ca: &Path, id: &Identity, topic: &[u8], payload: &[u8]
     body.extend_from_slice(topic);
     body.extend_from_slice(&[0, 1]); // packet id
     body.extend_from_slice(payload);
-    if s.write_all(&packet(0x32, &body))
+    if s.write_all(&mqtt_packet(0x32, &body))
         .and_then(|()| s.flush())
         .is_err()
     {
@@ -472,24 +483,6 @@ fn raw_publish(port: u16, ca: &Path, id: &Identity, topic: &[u8], payload: &[u8]
         Ok(()) => panic!("unexpected packet {ack:?}"),
         Err(_) => RawOutcome::Closed,
     }
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
 }
 
 fn client_tls(ca: &Path, id: &Identity) -> rustls::ClientConfig {
@@ -681,7 +674,7 @@ async fn hostile_mqtt_input_table() {
         assert_eq!(
             seq.map(i64::from),
             sent.get("sequenceNumber").and_then(|c| c.as_i64()),
-            "row {:?}: sequence_number (last duplicate wins)",
+            "row {:?}: sequence_number",
             r.name
         );
         if let Some(ts) = sent.get("timestamp").and_then(|t| t.as_str()) {
@@ -933,4 +926,60 @@ async fn revoked_and_expired_certificates_store_nothing() {
 
     bridge.shutdown.cancel();
     bridge.task.await.unwrap().unwrap();
+}
+
+/// A device whose counter restarted (issue 13): `{"messageId":"m-1","v":2}` after
+/// `{"messageId":"m-1","v":1}` was PUBACKed and vanished. Now the second is PUBACKed
+/// too, and is in the DLQ as `id_conflict` with its bytes; the stored row and its
+/// stream message keep the first content. The first sent again is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_message_id_is_dead_lettered_as_id_conflict() {
+    let stack = start_stack().await;
+    let bridge = start_bridge(&stack).await;
+    let device = stack.device(DEMO_DEVICE_ID);
+    let topic = telemetry_topic(DEMO_DEVICE_ID);
+    let (first, reused) = (
+        r#"{"messageId":"m-1","v":1}"#,
+        r#"{"messageId":"m-1","v":2}"#,
+    );
+    device.publish(&topic, first).await;
+    wait_stored(&stack, 1, Duration::from_secs(30)).await;
+    device.publish(&topic, reused).await;
+    device.publish(&topic, first).await;
+    device.wait_acked(3, Duration::from_secs(30)).await;
+
+    let js = stack.js().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letters = loop {
+        let letters = dead_letters(&js).await;
+        if !letters.is_empty() || Instant::now() > deadline {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        letters,
+        vec![(
+            "id_conflict".to_string(),
+            topic.clone(),
+            reused.as_bytes().to_vec()
+        )]
+    );
+    let id = id_of(DEMO_DEVICE_ID, first.as_bytes());
+    assert_eq!(id, id_of(DEMO_DEVICE_ID, reused.as_bytes()));
+    assert_exactly_once(&stack, &HashSet::from([id])).await;
+    let db = stack.db().await;
+    let v: String = db
+        .query_one(
+            "SELECT payload->>'v' FROM telemetry_raw WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "1");
+    let raw = stream_messages(&js, "TELEMETRY_RAW_V1").await;
+    assert_eq!(raw.len(), 1);
+    assert_eq!(raw[0].body["payload"]["v"], 1);
+    bridge.shutdown.cancel();
 }

@@ -5,7 +5,8 @@
 //! - the reason follows the documented order: oversize, then not UTF-8, then
 //!   invalid JSON, then not an object, then an invalid field;
 //! - an accepted payload is a JSON object (checked with an independent parse),
-//!   and the extracted fields equal what that parse says (last duplicate key wins);
+//!   and the extracted fields equal what that parse says;
+//! - a payload that repeats a key in any object is refused as invalid JSON;
 //! - the device timestamp is within years 1..=9999 and has no sub-microsecond part;
 //! - `check` on a good topic derives the id with `message_id::derive` from the
 //!   supplied `messageId`, else from topic and payload;
@@ -63,6 +64,11 @@ fuzz_target!(|data: &[u8]| {
                     "unparsable JSON rejected as {:?}",
                     r.reason
                 ),
+                // A key repeated in any object: refused as invalid JSON (parsers
+                // disagree on which copy wins).
+                Some(Value::Object(_)) if repeats_a_key(payload) => {
+                    assert_eq!(r.reason, DlqReason::InvalidJson, "repeated key")
+                }
                 // U+0000 parses but cannot be stored: refused up front (invalid_json in
                 // an unknown field or key, invalid_field in correlationId/messageId).
                 Some(v @ Value::Object(_)) if has_nul(v) => assert!(
@@ -95,6 +101,7 @@ fuzz_target!(|data: &[u8]| {
             let Some(Value::Object(obj)) = &parsed else {
                 panic!("accepted a payload that is not a JSON object: {parsed:?}");
             };
+            assert!(!repeats_a_key(payload), "accepted a payload that repeats a key");
             let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
             assert_eq!(
                 fields.sequence_number.map(i64::from),
@@ -162,4 +169,60 @@ fn has_nul(v: &Value) -> bool {
         Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
         _ => false,
     }
+}
+
+/// True when some object in the JSON text repeats a key (an independent walk:
+/// every object's keys collected, sorted and compared).
+fn repeats_a_key(payload: &[u8]) -> bool {
+    use serde::de::{Deserializer as _, MapAccess, SeqAccess, Visitor};
+    struct Walk;
+    impl<'de> Visitor<'de> for Walk {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut keys = Vec::new();
+            let mut inner = false;
+            while let Some(k) = map.next_key::<String>()? {
+                keys.push(k);
+                inner |= map.next_value::<Repeats>()?.0;
+            }
+            keys.sort();
+            Ok(inner || keys.windows(2).any(|w| w[0] == w[1]))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+            let mut inner = false;
+            while let Some(r) = seq.next_element::<Repeats>()? {
+                inner |= r.0;
+            }
+            Ok(inner)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_unit<E>(self) -> Result<bool, E> {
+            Ok(false)
+        }
+    }
+    struct Repeats(bool);
+    impl<'de> serde::Deserialize<'de> for Repeats {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Walk).map(Repeats)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    (&mut de).deserialize_any(Walk).unwrap_or(false)
 }

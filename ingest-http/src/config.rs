@@ -32,6 +32,8 @@ impl FlagEnv for HttpEnv {
     // Short: a request waits for its batch (MQTT's bridge lingers longer).
     const BATCH_LINGER: &'static str = "ARGUS_HTTP_BATCH_LINGER";
     const BATCH_LINGER_DEFAULT: &'static str = "5ms";
+    const BATCH_MAX_BYTES: &'static str = "ARGUS_HTTP_BATCH_MAX_BYTES";
+    const BATCH_MAX_BYTES_DEFAULT: &'static str = "8388608";
     const SHUTDOWN_TIMEOUT: &'static str = "ARGUS_HTTP_SHUTDOWN_TIMEOUT";
     const SHUTDOWN_TIMEOUT_DEFAULT: &'static str = "10s";
 }
@@ -83,9 +85,42 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_HTTP_BROKER_PID_FILE")]
     pub broker_pid_file: Option<PathBuf>,
 
-    /// Largest accepted request body in bytes (larger: 413).
+    /// Largest accepted request body in bytes (larger: 413). At most 4 GiB.
     #[arg(long, env = "ARGUS_HTTP_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
+
+    /// Largest reading in bytes, as stored (its compact JSON; larger: 413 naming it).
+    /// Checked at start-up against the NATS server's max_payload.
+    #[arg(long, env = "ARGUS_HTTP_MAX_READING_BYTES", default_value_t = argus_pipeline::reading::DEFAULT_MAX_PAYLOAD_BYTES)]
+    pub max_reading_bytes: usize,
+
+    /// Ingest requests handled at once; more answer 503 with Retry-After.
+    #[arg(long, env = "ARGUS_HTTP_MAX_IN_FLIGHT_REQUESTS", default_value_t = 256)]
+    pub max_in_flight_requests: usize,
+
+    /// Request-body bytes held at once by ingest requests (each is counted at its
+    /// Content-Length, or at --body-limit without one, until it is answered); a request
+    /// that does not fit answers 503 with Retry-After. At least --body-limit.
+    #[arg(long, env = "ARGUS_HTTP_MAX_IN_FLIGHT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_in_flight_bytes: usize,
+
+    /// Key look-ups per second allowed per client IP address before authentication
+    /// (a key already known to this process costs nothing; 0 disables the limit).
+    #[arg(
+        long,
+        env = "ARGUS_HTTP_PREAUTH_RATE_PER_ADDRESS",
+        default_value_t = 20.0
+    )]
+    pub preauth_rate_per_address: f64,
+
+    /// Key look-ups a client address may make at once above its rate.
+    #[arg(long, env = "ARGUS_HTTP_PREAUTH_BURST", default_value_t = 40)]
+    pub preauth_burst: u32,
+
+    /// Postgres connections of the sink, a pool apart from the look-ups' `--pg-pool-size`,
+    /// so a flood of look-ups cannot starve the writes.
+    #[arg(long, env = "ARGUS_HTTP_SINK_PG_POOL_SIZE", default_value_t = 4)]
+    pub sink_pg_pool_size: usize,
 
     /// Most readings in one batch request.
     #[arg(long, env = "ARGUS_HTTP_MAX_BATCH_READINGS", default_value_t = 1000)]
@@ -132,7 +167,10 @@ impl std::fmt::Debug for Cli {
 pub struct Config {
     pub listen: SocketAddr,
     pub database_url: String,
+    /// The look-ups' pool (registry, API keys, certificates).
     pub pg_pool_size: usize,
+    /// The sink's own pool.
+    pub sink_pg_pool_size: usize,
     pub nats_urls: Vec<String>,
     pub redis_url: Option<String>,
     pub admin_token: AdminToken,
@@ -142,6 +180,7 @@ pub struct Config {
     pub limits: Limits,
     pub batch_size: usize,
     pub batch_linger: Duration,
+    pub batch_max_bytes: usize,
     pub shutdown_timeout: Duration,
     pub log_json: bool,
 }
@@ -162,20 +201,31 @@ impl std::fmt::Debug for Config {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub body_limit: usize,
+    /// Largest stored reading (compact JSON).
+    pub max_reading_bytes: usize,
     pub max_batch_readings: usize,
     pub rate_limit_per_device: f64,
     pub rate_limit_burst: u32,
     pub durability_timeout: Duration,
+    pub max_in_flight_requests: usize,
+    pub max_in_flight_bytes: usize,
+    pub preauth_rate_per_address: f64,
+    pub preauth_burst: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             body_limit: 1024 * 1024,
+            max_reading_bytes: argus_pipeline::reading::DEFAULT_MAX_PAYLOAD_BYTES,
             max_batch_readings: 1000,
             rate_limit_per_device: 50.0,
             rate_limit_burst: 100,
             durability_timeout: Duration::from_secs(5),
+            max_in_flight_requests: 256,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            preauth_rate_per_address: 20.0,
+            preauth_burst: 40,
         }
     }
 }
@@ -198,8 +248,35 @@ impl Cli {
                 format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters"),
             ));
         }
-        if self.body_limit == 0 {
-            return Err(invalid("body-limit", "must be at least 1"));
+        if self.body_limit == 0 || u32::try_from(self.body_limit).is_err() {
+            return Err(invalid("body-limit", "must be from 1 to 4294967295"));
+        }
+        if self.max_reading_bytes == 0 {
+            return Err(invalid("max-reading-bytes", "must be at least 1"));
+        }
+        if self.max_in_flight_requests == 0 {
+            return Err(invalid("max-in-flight-requests", "must be at least 1"));
+        }
+        if self.max_in_flight_bytes < self.body_limit {
+            return Err(invalid(
+                "max-in-flight-bytes",
+                format!(
+                    "must be at least --body-limit ({}), or no body that large is ever read",
+                    self.body_limit
+                ),
+            ));
+        }
+        if !self.preauth_rate_per_address.is_finite() || self.preauth_rate_per_address < 0.0 {
+            return Err(invalid(
+                "preauth-rate-per-address",
+                "must be a number >= 0 (0 disables)",
+            ));
+        }
+        if self.preauth_burst == 0 {
+            return Err(invalid("preauth-burst", "must be at least 1"));
+        }
+        if self.sink_pg_pool_size == 0 {
+            return Err(invalid("sink-pg-pool-size", "must be at least 1"));
         }
         if self.max_batch_readings == 0 {
             return Err(invalid("max-batch-readings", "must be at least 1"));
@@ -218,13 +295,16 @@ impl Cli {
         if durability_timeout.is_zero() {
             return Err(invalid("durability-timeout", "must be more than 0"));
         }
-        let (batch_size, batch_linger) = self.batch.validate()?;
+        let batching = self
+            .batch
+            .validate(self.max_reading_bytes, "--max-reading-bytes")?;
         let shutdown_timeout = self.shutdown.validate()?;
         Ok(Config {
             listen,
             redis_url: self.redis.url(),
             database_url: self.pg.database_url,
             pg_pool_size: self.pg.pg_pool_size,
+            sink_pg_pool_size: self.sink_pg_pool_size,
             nats_urls,
             admin_token: AdminToken::new(self.admin_token),
             pki_dir: self.pki_dir,
@@ -232,13 +312,19 @@ impl Cli {
             broker_pid_file: self.broker_pid_file,
             limits: Limits {
                 body_limit: self.body_limit,
+                max_reading_bytes: self.max_reading_bytes,
                 max_batch_readings: self.max_batch_readings,
                 rate_limit_per_device: self.rate_limit_per_device,
                 rate_limit_burst: self.rate_limit_burst,
                 durability_timeout,
+                max_in_flight_requests: self.max_in_flight_requests,
+                max_in_flight_bytes: self.max_in_flight_bytes,
+                preauth_rate_per_address: self.preauth_rate_per_address,
+                preauth_burst: self.preauth_burst,
             },
-            batch_size,
-            batch_linger,
+            batch_size: batching.size,
+            batch_linger: batching.linger,
+            batch_max_bytes: batching.max_bytes,
             shutdown_timeout,
             log_json: self.log_json,
         })
@@ -289,6 +375,14 @@ mod tests {
             parse(&["--rate-limit-per-device=-1"]).unwrap_err().flag,
             "rate-limit-per-device"
         );
+        assert_eq!(
+            parse(&["--max-in-flight-bytes", "1000"]).unwrap_err().flag,
+            "max-in-flight-bytes"
+        );
+        assert_eq!(
+            parse(&["--sink-pg-pool-size", "0"]).unwrap_err().flag,
+            "sink-pg-pool-size"
+        );
         let c = parse(&[]).unwrap();
         assert!(!format!("{c:?}").contains(TOKEN));
     }
@@ -321,6 +415,12 @@ mod tests {
             "ARGUS_HTTP_BATCH_SIZE",
             "ARGUS_HTTP_BATCH_LINGER",
             "ARGUS_HTTP_SHUTDOWN_TIMEOUT",
+            "ARGUS_HTTP_MAX_READING_BYTES",
+            "ARGUS_HTTP_MAX_IN_FLIGHT_REQUESTS",
+            "ARGUS_HTTP_MAX_IN_FLIGHT_BYTES",
+            "ARGUS_HTTP_PREAUTH_RATE_PER_ADDRESS",
+            "ARGUS_HTTP_PREAUTH_BURST",
+            "ARGUS_HTTP_SINK_PG_POOL_SIZE",
         ] {
             assert!(help.contains(&format!("env: {env}")), "{env}: {help}");
         }

@@ -2,7 +2,8 @@
 //!
 //! Every failure answers with a stable body,
 //! `{"success": false, "error": {"code": "...", "message": "..."}}`, so clients can
-//! match on `code`. Messages are written for the caller: they never carry internal
+//! match on `code`; a few errors add `error.details` (an object, e.g. the readings an
+//! `id_conflict` names). Messages are written for the caller: they never carry internal
 //! details, keys, passwords or stack traces.
 //!
 //! Postgres and pool errors convert with `?` (`From` below): the detail is logged,
@@ -20,6 +21,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (429 and 503).
     pub retry_after: Option<u64>,
+    /// Machine-readable detail, `error.details` in the body.
+    pub details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -29,7 +32,13 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            details: None,
         }
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
     }
 
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
@@ -111,10 +120,11 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "success": false,
-            "error": { "code": self.code, "message": self.message },
-        });
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(details) = self.details {
+            error["details"] = details;
+        }
+        let body = json!({ "success": false, "error": error });
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after {
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {

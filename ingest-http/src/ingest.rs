@@ -2,47 +2,45 @@
 //! by the device's `X-API-Key`.
 //!
 //! Checks, in order (the first failure answers; nothing is stored for any of them):
-//! 1. `X-API-Key`: missing → 401; malformed, unknown, revoked or expired → 403;
-//!    the key's device unknown or not `active` → 403.
-//! 2. Per-device rate limit → 429 with `Retry-After`.
-//! 3. `Content-Type: application/json` → else 415.
-//! 4. Body size (`Content-Length` first, then while reading) → 413.
-//! 5. JSON and fields, the whole batch before anything is stored → 400 naming the field.
-//! 6. Every reading's `deviceId` equals the key's device → else 403.
-//! 7. Message ids; the unit goes to the sink and the request waits until it is durable in
-//!    Postgres and acknowledged by JetStream (bounded by the durability timeout) → 200;
-//!    sink failure or timeout → 503.
-//!
-//! Message id of each reading: the pipeline's rules, shared with the MQTT bridge
-//! ([`Checked::for_device`], which calls
-//! [`argus_pipeline::message_id::derive`]): the `Idempotency-Key` header if present (a
-//! batch's reading `i` uses `<key>/<i>`), else the reading's `messageId` field, else the
-//! hash of the device's canonical topic `devices/<id>/telemetry` and the reading's
-//! compact JSON (the stored payload). A retry therefore gets the same id and is stored once.
+//! 1. A request slot (`--max-in-flight-requests`) → else 503 `overloaded`, `Retry-After`.
+//! 2. `X-API-Key` ([`crate::auth`]): missing → 401; malformed, unknown, revoked or
+//!    expired → 403; the key's device unknown or not `active` → 403. A key this
+//!    process does not know yet first passes the per-address limiter → else 429.
+//! 3. Per-device rate limit → 429 with `Retry-After`.
+//! 4. `Content-Type: application/json` → else 415; a bad `Idempotency-Key` → 400.
+//! 5. Body size: `Content-Length` over the limit → 413; its bytes from the in-flight
+//!    budget (`--max-in-flight-bytes`) → else 503 `overloaded`; then while reading → 413.
+//! 6. JSON and fields, the whole batch before anything is stored → 400 naming the field.
+//! 7. Every reading's `deviceId` equals the key's device → else 403.
+//! 8. Per reading ([`crate::readings`]): its message id; its size as stored and its
+//!    envelope against NATS → 413 `reading_too_large` naming it; a batch naming one id
+//!    twice → 422 `duplicate_message_id` naming both readings.
+//! 9. The unit goes to the sink and the request waits until it is durable in Postgres
+//!    and acknowledged by JetStream (bounded by the durability timeout); sink failure or
+//!    timeout → 503; the sink's verdict per reading ([`crate::outcome`]) → 200 (with
+//!    `duplicate` flags), 409 `id_conflict` or 422 `unstorable`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use argus_pipeline::reading::{Checked, Reading, Source};
-use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use chrono::Utc;
-use serde_json::json;
-use uuid::Uuid;
 
-use crate::apikey;
+use crate::auth::authenticate;
 use crate::error::ApiError;
-use crate::metrics::{self as m, Rejection};
+use crate::metrics::{reject, Rejection};
+use crate::outcome::{self, Sent};
 use crate::ratelimit::retry_after_secs;
+use crate::readings::{self, Context};
 use crate::request::{self, check_supplied_id, Shape};
 use crate::state::AppState;
-use crate::submit::SubmitError;
 
-/// The API key header.
-pub const API_KEY_HEADER: &str = "x-api-key";
+pub use crate::auth::API_KEY_HEADER;
 /// The idempotency header.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
@@ -51,67 +49,6 @@ pub fn router(state: &AppState) -> Router {
     Router::new()
         .route("/api/v1/telemetry/ingest", post(ingest))
         .with_state(state.clone())
-}
-
-fn reject(reason: Rejection, error: ApiError) -> ApiError {
-    m::rejected(reason);
-    error
-}
-
-fn invalid_key() -> ApiError {
-    // One message for every kind of bad key: the caller learns nothing about which keys exist.
-    reject(
-        Rejection::InvalidKey,
-        ApiError::forbidden("The API key is not valid for this request."),
-    )
-}
-
-/// The authenticated caller: the key's id and its device.
-struct Caller {
-    key_id: Uuid,
-    device_id: Uuid,
-    tenant_id: Uuid,
-}
-
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let Some(value) = headers.get(API_KEY_HEADER) else {
-        return Err(reject(
-            Rejection::MissingKey,
-            ApiError::unauthorized("An X-API-Key header is required."),
-        ));
-    };
-    let presented = value.to_str().map_err(|_| invalid_key())?.trim();
-    let digest = apikey::parse_presented(presented).ok_or_else(invalid_key)?;
-    let info = match state.registry().api_key(&digest).await {
-        Ok(Some(info)) => info,
-        Ok(None) => return Err(invalid_key()),
-        Err(e) => {
-            tracing::warn!(error = %e, "API key look-up failed.");
-            return Err(reject(Rejection::Unavailable, ApiError::unavailable()));
-        }
-    };
-    if !info.is_valid_at(Utc::now()) {
-        return Err(invalid_key());
-    }
-    let device = match state.registry().device(info.device_id).await {
-        Ok(Some(device)) => device,
-        Ok(None) => return Err(invalid_key()),
-        Err(e) => {
-            tracing::warn!(error = %e, "Device look-up failed.");
-            return Err(reject(Rejection::Unavailable, ApiError::unavailable()));
-        }
-    };
-    if !device.is_active() {
-        return Err(reject(
-            Rejection::DeviceNotActive,
-            ApiError::forbidden("The device is not active."),
-        ));
-    }
-    Ok(Caller {
-        key_id: info.key_id,
-        device_id: device.device_id,
-        tenant_id: device.tenant_id,
-    })
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -136,32 +73,53 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
-    let declared = headers
+/// The body's declared length, if any.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Reads at most `limit` bytes, holding them in the in-flight byte budget: the
+/// returned permit goes with the request until it is answered.
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<(Vec<u8>, crate::admission::BodyBytes), ApiError> {
+    let declared = content_length(headers);
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok(bytes.to_vec()),
+    // Config keeps the body limit within u32; without a length, count the whole limit.
+    let charge = declared.map_or(limit as u64, |n| n.min(limit as u64));
+    let held = state
+        .admission()
+        .try_bytes(u32::try_from(charge).unwrap_or(u32::MAX))?;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes.to_vec(),
         Err(e) => {
             // `to_bytes` fails either on the limit or on a broken connection; the limit is
             // the only one a client can act on, and a broken client reads no answer anyway.
             tracing::debug!(error = %e, "Could not read a request body.");
-            Err(too_large(limit))
+            return Err(too_large(limit));
         }
-    }
+    };
+    Ok((bytes, held))
 }
 
 /// `POST /api/v1/telemetry/ingest`
-pub async fn ingest(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
+pub async fn ingest(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let _slot = state.admission().try_request()?;
+    let peer: Option<IpAddr> = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let caller = authenticate(&state, &headers, peer).await?;
     state.usage().touch(caller.key_id);
 
     if let Err(wait) = state.limiter().check(caller.device_id) {
@@ -205,20 +163,17 @@ pub async fn ingest(
         }
     };
 
-    let bytes = read_body(&headers, body, limits.body_limit).await?;
+    let (bytes, _held) = read_body(&state, &headers, body, limits.body_limit).await?;
     let received_at = Utc::now();
-    let (shape, readings) =
-        request::parse_body(&bytes, limits.max_batch_readings).map_err(|e| {
-            reject(
-                Rejection::InvalidBody,
-                ApiError::bad_request("invalid_body", e.to_string()),
-            )
-        })?;
+    let (shape, parsed) = request::parse_body(&bytes, limits.max_batch_readings).map_err(|e| {
+        reject(
+            Rejection::InvalidBody,
+            ApiError::bad_request("invalid_body", e.to_string()),
+        )
+    })?;
+    drop(bytes);
 
-    if let Some(i) = readings
-        .iter()
-        .position(|r| r.device_id != caller.device_id)
-    {
+    if let Some(i) = parsed.iter().position(|r| r.device_id != caller.device_id) {
         let path = match shape {
             Shape::Single => "deviceId".to_string(),
             Shape::Batch => format!("[{i}].deviceId"),
@@ -229,78 +184,25 @@ pub async fn ingest(
         ));
     }
 
-    let payload_limits = argus_pipeline::reading::Limits {
-        max_payload_bytes: limits.body_limit,
+    let cx = Context {
+        caller: &caller,
+        shape,
+        idempotency_key: idempotency_key.as_deref(),
+        received_at,
     };
-    let mut unit = Vec::with_capacity(readings.len());
-    for (i, r) in readings.into_iter().enumerate() {
-        // The stored payload and the id's hash input: the reading object, compact.
-        // Serializing a map of JSON values cannot fail.
-        let payload = serde_json::to_vec(&r.object).unwrap_or_default();
-        let supplied = match (&idempotency_key, shape) {
-            (Some(key), Shape::Single) => Some(key.clone()),
-            (Some(key), Shape::Batch) => Some(format!("{key}/{i}")),
-            (None, _) => None,
-        };
-        // The pipeline's checks and id rules, the same as the MQTT bridge's, so HTTP and
-        // MQTT agree exactly.
-        let checked = Checked::for_device(
-            caller.device_id,
-            &payload,
-            supplied.as_deref(),
-            &payload_limits,
-        )
-        .map_err(|e| {
-            let at = match shape {
-                Shape::Single => String::new(),
-                Shape::Batch => format!("[{i}]."),
-            };
-            reject(
-                Rejection::InvalidBody,
-                ApiError::bad_request("invalid_body", format!("{at}{}", e.detail)),
-            )
-        })?;
-        unit.push(Reading::from_checked(
-            checked,
-            caller.tenant_id,
-            Bytes::from(payload),
-            received_at,
-            Source::Http,
-            None,
-            None,
-        ));
-    }
-    let ids: Vec<Uuid> = unit.iter().map(|r| r.message_id).collect();
+    let unit = readings::build(cx, parsed, limits, state.publish_limits())?;
+    let sent = Sent::of(shape, &unit);
 
     let started = Instant::now();
-    if let Err(e) = state
+    match state
         .submitter()
-        .submit(unit, limits.durability_timeout)
+        .submit(unit.readings, limits.durability_timeout)
         .await
     {
-        if let SubmitError::DeadLettered(refused) = &e {
-            tracing::warn!(device_id = %caller.device_id, refused = refused.len(), "Postgres refused readings; they are in the dead-letter stream.");
-            return Err(reject(
-                Rejection::InvalidBody,
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "unstorable",
-                    format!(
-                        "{} of {} readings could not be stored and were dead-lettered.",
-                        refused.len(),
-                        ids.len()
-                    ),
-                ),
-            ));
+        Ok(delivered) => outcome::respond(&sent, &delivered),
+        Err(e) => {
+            tracing::warn!(device_id = %caller.device_id, readings = sent.ids.len(), waited_ms = started.elapsed().as_millis() as u64, error = %e, "Readings not confirmed durable; answering 503.");
+            Err(reject(Rejection::Unavailable, ApiError::unavailable()))
         }
-        tracing::warn!(device_id = %caller.device_id, readings = ids.len(), waited_ms = started.elapsed().as_millis() as u64, error = %e, "Readings not confirmed durable; answering 503.");
-        return Err(reject(Rejection::Unavailable, ApiError::unavailable()));
     }
-    metrics::counter!(m::READINGS_ACCEPTED_TOTAL).increment(ids.len() as u64);
-
-    let body = match shape {
-        Shape::Single => json!({"success": true, "messageId": ids[0]}),
-        Shape::Batch => json!({"success": true, "messageIds": ids}),
-    };
-    Ok(Json(body).into_response())
 }

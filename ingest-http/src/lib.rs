@@ -6,10 +6,20 @@
 //! Layout:
 //! - [`config`]: flags with env twins (the shared blocks of [`argus_pipeline::flags`]
 //!   plus the sidecar's own), validated into [`config::Config`].
-//! - [`state`]: shared state (Postgres pool, NATS, registry, sink, limits, the
-//!   certificate API's [`state::CertState`]) and start-up.
-//! - [`ingest`]: `POST /api/v1/telemetry/ingest` (auth, limits, validation, durability).
+//! - [`state`]: shared state (the look-up and sink Postgres pools, NATS and its publish
+//!   limits, registry, sink, limits, the certificate API's [`state::CertState`]) and
+//!   start-up (refused when `--max-reading-bytes` cannot fit NATS's `max_payload`).
+//! - [`ingest`]: `POST /api/v1/telemetry/ingest` (the order of checks, the handler).
+//! - [`admission`]: the in-flight request and body-byte budgets (503 `overloaded`).
+//! - [`auth`]: the API-key look-up and the pre-auth protection in front of it (the
+//!   per-address limiter; unknown keys never reach the registry).
+//! - [`preauth`]: the pre-auth state: digests known to exist, known absent, and the
+//!   per-address limiter.
 //! - [`request`]: the body's readings, validated with field paths.
+//! - [`readings`]: validated readings → the sink unit (message ids, per-reading size
+//!   checks, a batch's repeated id).
+//! - [`outcome`]: the sink's verdict → the answer (200 with `duplicate`, 409
+//!   `id_conflict`, 422 `unstorable`).
 //! - [`submit`]: [`submit::Submitter`], one request = one sink unit, bounded by the
 //!   durability timeout.
 //! - [`apikey`]: key format, generation (OS CSPRNG) and SHA-256 digest.
@@ -18,7 +28,8 @@
 //! - [`admin`]: what operator endpoints share: the admin bearer-token check, the
 //!   device id in the path, the JSON object body.
 //! - [`health`]: `/health`, `/ready` and `/metrics`.
-//! - [`ratelimit`]: per-device rate limits (`governor`'s keyed GCRA limiter).
+//! - [`ratelimit`]: keyed rate limits, per device and per client address (`governor`'s
+//!   keyed GCRA limiter).
 //! - [`usage`]: throttled background `last_used_at` updates.
 //! - [`metrics`]: the sidecar's metric names and their `# HELP` text; `/metrics`
 //!   renders them.
@@ -29,7 +40,9 @@
 //! calls them, so tests run the real server in-process.
 
 pub mod admin;
+pub mod admission;
 pub mod apikey;
+pub mod auth;
 pub mod certificates;
 pub mod config;
 pub mod error;
@@ -37,7 +50,10 @@ pub mod health;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;
+pub mod outcome;
+pub mod preauth;
 pub mod ratelimit;
+pub mod readings;
 pub mod request;
 pub mod state;
 pub mod submit;
@@ -73,7 +89,8 @@ pub fn build_app(state: AppState) -> Router {
 
 /// Serves `build_app(state)` on `listener` until `shutdown` completes: in-flight
 /// requests finish, then the sink flushes and stops. `/health` answers 503 from the
-/// moment the shutdown begins.
+/// moment the shutdown begins. Each request carries its peer address (the pre-auth
+/// limiter's key).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -86,6 +103,7 @@ pub async fn serve(
         draining.set_draining();
         tracing::info!("Shutting down: finishing in-flight requests.");
     };
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(signal)
         .await;

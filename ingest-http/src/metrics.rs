@@ -13,6 +13,8 @@
 use metrics::{counter, describe_counter, describe_histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::error::ApiError;
+
 /// Counter: requests answered, labels `route`, `status` (class).
 pub const REQUESTS_TOTAL: &str = "argus_http_requests_total";
 /// Histogram: request latency in seconds, label `route`.
@@ -21,6 +23,8 @@ pub const REQUEST_DURATION_SECONDS: &str = "argus_http_request_duration_seconds"
 pub const REJECTED_TOTAL: &str = "argus_http_rejected_total";
 /// Counter: readings stored and published (acknowledged to the client).
 pub const READINGS_ACCEPTED_TOTAL: &str = "argus_http_readings_accepted_total";
+/// Counter: readings answered `"duplicate": true` (already stored with the same content).
+pub const READINGS_DUPLICATE_TOTAL: &str = "argus_http_readings_duplicate_total";
 /// Counter: API keys created / revoked through the admin API, label `action`.
 pub const API_KEY_ADMIN_TOTAL: &str = "argus_http_api_key_admin_total";
 
@@ -36,11 +40,21 @@ pub enum Rejection {
     InvalidBody,
     RateLimited,
     Unavailable,
+    /// 429 from the per-address limiter in front of the key look-up.
+    PreauthRateLimited,
+    /// 503: the in-flight request or byte budget is full.
+    Overloaded,
+    /// 413: one reading's stored size or envelope is over the limit.
+    ReadingTooLarge,
+    /// 422: a batch names one message id twice.
+    DuplicateMessageId,
+    /// 409: a reading's id is stored with different content.
+    IdConflict,
 }
 
 impl Rejection {
     /// Every reason, for the zero series.
-    pub const ALL: [Rejection; 9] = [
+    pub const ALL: [Rejection; 14] = [
         Self::MissingKey,
         Self::InvalidKey,
         Self::DeviceMismatch,
@@ -50,6 +64,11 @@ impl Rejection {
         Self::InvalidBody,
         Self::RateLimited,
         Self::Unavailable,
+        Self::PreauthRateLimited,
+        Self::Overloaded,
+        Self::ReadingTooLarge,
+        Self::DuplicateMessageId,
+        Self::IdConflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +82,11 @@ impl Rejection {
             Self::InvalidBody => "invalid_body",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::PreauthRateLimited => "preauth_rate_limited",
+            Self::Overloaded => "overloaded",
+            Self::ReadingTooLarge => "reading_too_large",
+            Self::DuplicateMessageId => "duplicate_message_id",
+            Self::IdConflict => "id_conflict",
         }
     }
 }
@@ -72,6 +96,12 @@ pub const API_KEY_ACTIONS: [&str; 2] = ["create", "revoke"];
 
 pub fn rejected(reason: Rejection) {
     counter!(REJECTED_TOTAL, "reason" => reason.as_str()).increment(1);
+}
+
+/// Counts `error` under `reason` and returns it (`return Err(reject(..))`).
+pub fn reject(reason: Rejection, error: ApiError) -> ApiError {
+    rejected(reason);
+    error
 }
 
 /// Registers `# HELP` text for every metric of the process (the shared pipeline's,
@@ -95,6 +125,10 @@ pub fn describe() {
         "Readings stored and published, acknowledged to the client."
     );
     describe_counter!(
+        READINGS_DUPLICATE_TOTAL,
+        "Readings already stored with the same content, answered as duplicates."
+    );
+    describe_counter!(
         API_KEY_ADMIN_TOTAL,
         "API keys created or revoked through the admin API, by action."
     );
@@ -102,6 +136,7 @@ pub fn describe() {
         counter!(REJECTED_TOTAL, "reason" => reason.as_str()).absolute(0);
     }
     counter!(READINGS_ACCEPTED_TOTAL).absolute(0);
+    counter!(READINGS_DUPLICATE_TOTAL).absolute(0);
     for action in API_KEY_ACTIONS {
         counter!(API_KEY_ADMIN_TOTAL, "action" => action).absolute(0);
     }
@@ -145,6 +180,7 @@ mod tests {
             REQUEST_DURATION_SECONDS,
             REJECTED_TOTAL,
             READINGS_ACCEPTED_TOTAL,
+            READINGS_DUPLICATE_TOTAL,
             API_KEY_ADMIN_TOTAL,
         ] {
             assert!(text.contains(&format!("# HELP {name} ")), "{name}: {text}");

@@ -1,4 +1,6 @@
-//! Per-device rate limit: `rate` requests per second on average, `burst` at once.
+//! Keyed rate limits: `rate` requests per second on average, `burst` at once, per key.
+//! The ingest endpoint keys one by device id (after authentication) and one by client
+//! address (before the API-key look-up, see [`crate::auth`]).
 //!
 //! One request costs one cell, whatever the number of readings it carries (the body
 //! limit and `--max-batch-readings` bound a request's weight). A refused request
@@ -9,7 +11,7 @@
 //! in a sharded concurrent map. A rate below 1/s works: 0.1/s is one request per
 //! 10 s. Rate 0 disables the limit (no map at all).
 //!
-//! Memory is bounded: when the map holds [`SWEEP_AT`] devices or more, the check that
+//! Memory is bounded: when the map holds [`SWEEP_AT`] keys or more, the check that
 //! notices drops every device whose state is back to a fresh one (idle long enough
 //! to have a full burst again: it carries nothing worth keeping) and shrinks the map.
 //! The next sweep waits until the map is twice what is left, at least [`SWEEP_AT`],
@@ -19,6 +21,7 @@
 //! default clock (`quanta`, monotonic); tests pass a `governor::clock::FakeRelativeClock` to
 //! [`RateLimiter::with_clock`] and advance it by hand.
 
+use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -29,20 +32,16 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::Quota;
 use uuid::Uuid;
 
-/// Tracked devices at which idle ones are swept (the smallest sweep threshold).
+/// Tracked keys at which idle ones are swept (the smallest sweep threshold).
 pub const SWEEP_AT: usize = 100_000;
 
-type Keyed<C> = governor::RateLimiter<
-    Uuid,
-    DefaultKeyedStateStore<Uuid>,
-    C,
-    NoOpMiddleware<<C as Clock>::Instant>,
->;
+type Keyed<K, C> =
+    governor::RateLimiter<K, DefaultKeyedStateStore<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
-/// A per-device rate limiter. `rate == 0` disables it.
-pub struct RateLimiter<C: Clock = DefaultClock> {
+/// A rate limiter per key (a device id, a client address). `rate == 0` disables it.
+pub struct RateLimiter<K: Hash + Eq + Clone = Uuid, C: Clock = DefaultClock> {
     /// `None` when disabled.
-    keyed: Option<Keyed<C>>,
+    keyed: Option<Keyed<K, C>>,
     /// Map size that triggers the next sweep; `usize::MAX` while one runs.
     sweep_at: AtomicUsize,
 }
@@ -59,14 +58,14 @@ fn quota(rate_per_second: f64, burst: u32) -> Option<Quota> {
     Quota::with_period(Duration::from_nanos(period_ns.max(1))).map(|q| q.allow_burst(burst))
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// A limiter on the default clock.
     pub fn new(rate_per_second: f64, burst: u32) -> Self {
         Self::from_keyed(quota(rate_per_second, burst).map(governor::RateLimiter::keyed))
     }
 }
 
-impl<C: Clock> RateLimiter<C> {
+impl<K: Hash + Eq + Clone, C: Clock> RateLimiter<K, C> {
     /// A limiter on `clock` (tests: `governor::clock::FakeRelativeClock`).
     pub fn with_clock(rate_per_second: f64, burst: u32, clock: C) -> Self {
         Self::from_keyed(
@@ -75,7 +74,7 @@ impl<C: Clock> RateLimiter<C> {
         )
     }
 
-    fn from_keyed(keyed: Option<Keyed<C>>) -> Self {
+    fn from_keyed(keyed: Option<Keyed<K, C>>) -> Self {
         Self {
             keyed,
             sweep_at: AtomicUsize::new(SWEEP_AT),
@@ -95,20 +94,20 @@ impl<C: Clock> RateLimiter<C> {
         self.len() == 0
     }
 
-    /// Lets one request of `device` through; `Err(wait)` when it must wait that long.
-    pub fn check(&self, device: Uuid) -> Result<(), Duration> {
+    /// Lets one request of `key` through; `Err(wait)` when it must wait that long.
+    pub fn check(&self, key: K) -> Result<(), Duration> {
         let Some(keyed) = &self.keyed else {
             return Ok(());
         };
         let result = keyed
-            .check_key(&device)
+            .check_key(&key)
             .map_err(|not_until| not_until.wait_time_from(keyed.clock().now()));
         self.bound_memory(keyed);
         result
     }
 
     /// Sweeps idle devices once the map reaches the threshold (one sweeper at a time).
-    fn bound_memory(&self, keyed: &Keyed<C>) {
+    fn bound_memory(&self, keyed: &Keyed<K, C>) {
         let threshold = self.sweep_at.load(Ordering::Relaxed);
         if keyed.len() < threshold
             || self
@@ -127,11 +126,11 @@ impl<C: Clock> RateLimiter<C> {
     }
 }
 
-impl<C: Clock> std::fmt::Debug for RateLimiter<C> {
+impl<K: Hash + Eq + Clone, C: Clock> std::fmt::Debug for RateLimiter<K, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimiter")
             .field("enabled", &self.is_enabled())
-            .field("devices", &self.len())
+            .field("keys", &self.len())
             .finish()
     }
 }
@@ -147,7 +146,7 @@ mod tests {
 
     use super::*;
 
-    fn limiter(rate: f64, burst: u32) -> (RateLimiter<FakeRelativeClock>, FakeRelativeClock) {
+    fn limiter(rate: f64, burst: u32) -> (RateLimiter<Uuid, FakeRelativeClock>, FakeRelativeClock) {
         let clock = FakeRelativeClock::default();
         (RateLimiter::with_clock(rate, burst, clock.clone()), clock)
     }
@@ -178,7 +177,7 @@ mod tests {
 
     #[test]
     fn zero_rate_disables() {
-        let limiter = RateLimiter::new(0.0, 1);
+        let limiter = RateLimiter::<Uuid>::new(0.0, 1);
         assert!(!limiter.is_enabled());
         let dev = Uuid::new_v4();
         for _ in 0..100 {
@@ -198,7 +197,7 @@ mod tests {
 
     #[test]
     fn the_default_clock_limits_too() {
-        let limiter = RateLimiter::new(0.1, 2);
+        let limiter = RateLimiter::<Uuid>::new(0.1, 2);
         let dev = Uuid::new_v4();
         assert!(limiter.check(dev).is_ok());
         assert!(limiter.check(dev).is_ok());

@@ -64,11 +64,20 @@ impl std::fmt::Display for FieldError {
     }
 }
 
-/// Parses and validates a whole body. `max_batch` bounds the array length.
+/// Parses and validates a whole body. `max_batch` bounds the array length. A key
+/// repeated in one object, at any depth, is refused: serde_json would keep the last
+/// copy silently, so a reading would be stored other than sent. The fields are
+/// checked first, so a refusal names the field where it can.
 pub fn parse_body(
     body: &[u8],
     max_batch: usize,
 ) -> Result<(Shape, Vec<IngestReading>), FieldError> {
+    let parsed = parse_fields(body, max_batch)?;
+    argus_pipeline::reading::storable_json(body).map_err(|e| FieldError::new("", e))?;
+    Ok(parsed)
+}
+
+fn parse_fields(body: &[u8], max_batch: usize) -> Result<(Shape, Vec<IngestReading>), FieldError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         // serde_json's message carries line/column only, never body content.
         FieldError::new("", format!("malformed JSON ({e})"))

@@ -1,6 +1,8 @@
 //! The application state every handler shares (one `Arc`, cheap to clone), and how
-//! it is built from a [`Config`]: Postgres pool, NATS client, registry, sink, and the
-//! certificate API's [`CertState`] (served by `crate::certificates`).
+//! it is built from a [`Config`]: two Postgres pools (look-ups, and the sink's own),
+//! NATS client and its publish limits, registry, sink, the in-flight budgets, the
+//! pre-auth [`KeyGate`], and the certificate API's [`CertState`] (served by
+//! `crate::certificates`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,12 +10,15 @@ use std::sync::Arc;
 
 use argus_pki::{Ca, PkiError};
 
+use argus_pipeline::limits::{LimitError, PublishLimits};
 use argus_pipeline::registry::{Invalidation, Registry, RegistryConfig, RegistryError};
 use argus_pipeline::sink::{Sink, SinkConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::admin::AdminToken;
+use crate::admission::Admission;
 use crate::config::{Config, Limits};
+use crate::preauth::KeyGate;
 use crate::ratelimit::RateLimiter;
 use crate::submit::Submitter;
 use crate::usage::KeyUsage;
@@ -27,6 +32,9 @@ pub enum StartError {
     Pool(String),
     #[error("NATS connect: {0}")]
     Nats(String),
+    /// A flag allows readings NATS would refuse; the message names the flag.
+    #[error("limits: {0}")]
+    Limits(#[from] LimitError),
     #[error("certificate API (--pki-dir): {0}")]
     Pki(#[from] argus_pki::PkiError),
     #[error("registry: {0}")]
@@ -47,6 +55,10 @@ struct Inner {
     admin: AdminToken,
     limits: Limits,
     limiter: RateLimiter,
+    /// What one JetStream publish may carry (read from the server at start-up).
+    publish_limits: PublishLimits,
+    admission: Admission,
+    key_gate: KeyGate,
     usage: KeyUsage,
     metrics: PrometheusHandle,
     /// The certificate API's state; `None` without `--pki-dir` (its routes are then absent).
@@ -71,14 +83,18 @@ pub fn pg_pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, StartE
 
 impl AppState {
     /// Connects everything the sidecar needs. Postgres and Redis may be down at start
-    /// (the pool and the registry connect lazily; `/ready` tells); NATS must answer.
+    /// (the pool and the registry connect lazily; `/ready` tells); NATS must answer, and
+    /// its `max_payload` must hold the envelope of a reading of `--max-reading-bytes`.
     pub async fn connect(config: Config) -> Result<AppState, StartError> {
         let pool = pg_pool(&config.database_url, config.pg_pool_size)?;
+        let sink_pool = pg_pool(&config.database_url, config.sink_pg_pool_size)?;
         let nats = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect(config.nats_urls.clone())
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
+        let publish_limits = PublishLimits::from_server(&nats).await;
+        publish_limits.check_config(config.limits.max_reading_bytes, "--max-reading-bytes")?;
         let registry = Registry::start(
             RegistryConfig {
                 redis_url: config.redis_url.clone(),
@@ -90,9 +106,10 @@ impl AppState {
             SinkConfig {
                 batch_size: config.batch_size,
                 batch_linger: config.batch_linger,
+                batch_max_bytes: config.batch_max_bytes,
                 ..SinkConfig::default()
             },
-            pool.clone(),
+            sink_pool,
             async_nats::jetstream::new(nats.clone()),
         );
         let submitter = Submitter::new(sink, task);
@@ -117,7 +134,7 @@ impl AppState {
         Ok(Self::from_parts(
             config,
             pool,
-            nats,
+            (nats, publish_limits),
             registry,
             submitter,
             certificates,
@@ -127,7 +144,7 @@ impl AppState {
     fn from_parts(
         config: Config,
         pool: deadpool_postgres::Pool,
-        nats: async_nats::Client,
+        (nats, publish_limits): (async_nats::Client, PublishLimits),
         registry: Registry,
         submitter: Submitter,
         certificates: Option<CertState>,
@@ -140,6 +157,12 @@ impl AppState {
             inner: Arc::new(Inner {
                 usage: KeyUsage::start(pool.clone()),
                 limiter: RateLimiter::new(limits.rate_limit_per_device, limits.rate_limit_burst),
+                publish_limits,
+                admission: Admission::new(
+                    limits.max_in_flight_requests,
+                    limits.max_in_flight_bytes,
+                ),
+                key_gate: KeyGate::new(limits.preauth_rate_per_address, limits.preauth_burst),
                 admin: config.admin_token.clone(),
                 metrics,
                 draining: AtomicBool::new(false),
@@ -175,6 +198,16 @@ impl AppState {
     }
     pub fn limiter(&self) -> &RateLimiter {
         &self.inner.limiter
+    }
+    pub fn publish_limits(&self) -> &PublishLimits {
+        &self.inner.publish_limits
+    }
+    /// The in-flight request and byte budgets of the ingest endpoint.
+    pub fn admission(&self) -> &Admission {
+        &self.inner.admission
+    }
+    pub fn key_gate(&self) -> &KeyGate {
+        &self.inner.key_gate
     }
     pub fn usage(&self) -> &KeyUsage {
         &self.inner.usage

@@ -16,7 +16,6 @@ use std::time::Duration;
 use argus_pipeline::reading::Reading;
 use argus_pipeline::sink::{Delivered, SinkHandle};
 use tokio::task::JoinHandle;
-use uuid::Uuid;
 
 /// Why a unit is not (known to be) durable.
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +27,6 @@ pub enum SubmitError {
     /// The sink is shut down (or its task ended); the unit was not (known to be) stored.
     #[error("sink closed")]
     Closed,
-    /// Postgres refused some readings for a data reason; they are in the DLQ stream.
-    #[error("{} readings dead-lettered", .0.len())]
-    DeadLettered(Vec<Uuid>),
 }
 
 /// Submits units to the sink (one request = one unit, bounded by the durability
@@ -50,7 +46,8 @@ impl Submitter {
     }
 
     /// Sends one unit and waits until it is durable, at most `timeout` in all (the wait
-    /// for queue space included).
+    /// for queue space included). What became of each reading (stored, already stored,
+    /// dead-lettered, an id conflict) is in the [`Delivered`]; `crate::outcome` answers it.
     pub async fn submit(
         &self,
         unit: Vec<Reading>,
@@ -64,14 +61,9 @@ impl Submitter {
                 .map_err(|_| SubmitError::Closed)?;
             ticket.await.map_err(|_| SubmitError::Closed)
         };
-        let delivered = tokio::time::timeout(timeout, work)
+        tokio::time::timeout(timeout, work)
             .await
-            .map_err(|_| SubmitError::Timeout(timeout))??;
-        if delivered.dead_lettered.is_empty() {
-            Ok(delivered)
-        } else {
-            Err(SubmitError::DeadLettered(delivered.dead_lettered))
-        }
+            .map_err(|_| SubmitError::Timeout(timeout))?
     }
 
     /// False while the sink's last attempt failed (for `/ready`).

@@ -44,20 +44,6 @@ fn row(name: &'static str, body: impl Into<Vec<u8>>, expect: Expect) -> Row {
     }
 }
 
-fn reading_with(metrics: &str, extra: &str) -> String {
-    format!(r#"{{"deviceId":"{DEVICE}","metrics":{metrics}{extra}}}"#)
-}
-
-/// A compact single reading of exactly `len` bytes.
-fn reading_of_len(len: usize) -> Vec<u8> {
-    let empty = reading_with(r#"{"pad":""}"#, "");
-    reading_with(
-        &format!(r#"{{"pad":"{}"}}"#, "x".repeat(len - empty.len())),
-        "",
-    )
-    .into_bytes()
-}
-
 fn nested(depth: usize) -> String {
     format!("{}{}", "[".repeat(depth), "]".repeat(depth))
 }
@@ -121,26 +107,36 @@ fn table() -> Vec<Row> {
             reading_with(r#"{"s":"\ud800"}"#, ""),
             bad,
         ),
-        // Duplicate keys: the last wins (serde_json), and what is stored is the
-        // re-serialised object, so the store never sees the duplicate.
+        // Duplicate keys, at any depth: refused (serde_json would keep the last copy
+        // silently, as the MQTT path's `invalid_json` refuses them too).
         row(
             "duplicate metrics key",
             format!(r#"{{"deviceId":"{DEVICE}","metrics":{{"t":5}},"metrics":{{"t":6}}}}"#),
-            Ok,
+            bad,
         ),
         row(
             "duplicate deviceId, own last",
             format!(
                 r#"{{"deviceId":"{OTHER_DEVICE}","deviceId":"{DEVICE}","metrics":{{"t":7}}}}"#
             ),
-            Ok,
+            bad,
         ),
         row(
             "duplicate deviceId, other last",
             format!(
                 r#"{{"deviceId":"{DEVICE}","deviceId":"{OTHER_DEVICE}","metrics":{{"t":8}}}}"#
             ),
-            Err(403, "forbidden"),
+            bad,
+        ),
+        row(
+            "the same nested metadata object without the repeat",
+            reading_with(r#"{"t":10}"#, r#","metadata":{"a":{"k":1}}"#),
+            Ok,
+        ),
+        row(
+            "a key repeated in a nested metadata object",
+            reading_with(r#"{"t":9}"#, r#","metadata":{"a":{"k":1,"k":2}}"#),
+            bad,
         ),
         // Timestamps.
         row(

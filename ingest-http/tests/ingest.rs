@@ -58,16 +58,14 @@ async fn retries_are_idempotent_and_batches_return_every_id() {
     let (_, key) = create_key(&s.http, &s.app, DEVICE).await;
     let pg = s.pg().await;
 
-    // Idempotency-Key: different bodies, same key → the first is kept, same id.
-    let (st1, r1, _) = ingest(
-        &s.http,
-        &s.app,
-        Some(&key),
-        &reading(DEVICE, 1.0),
-        Some("req-1"),
-    )
-    .await;
-    let (st2, r2, _) = ingest(
+    // Idempotency-Key: the same body again → the same id, nothing new stored; another
+    // body under the same key → 409, the first is kept.
+    let first = reading(DEVICE, 1.0);
+    let (st1, r1, _) = ingest(&s.http, &s.app, Some(&key), &first, Some("req-1")).await;
+    let (st2, r2, _) = ingest(&s.http, &s.app, Some(&key), &first, Some("req-1")).await;
+    assert_eq!((st1, st2), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(r1["messageId"], r2["messageId"]);
+    let (st3, r3, _) = ingest(
         &s.http,
         &s.app,
         Some(&key),
@@ -75,8 +73,8 @@ async fn retries_are_idempotent_and_batches_return_every_id() {
         Some("req-1"),
     )
     .await;
-    assert_eq!((st1, st2), (StatusCode::OK, StatusCode::OK));
-    assert_eq!(r1["messageId"], r2["messageId"]);
+    assert_eq!(st3, StatusCode::CONFLICT, "{r3}");
+    assert_eq!(error_code(&r3), "id_conflict");
     assert_eq!(row_count(&pg).await, 1);
 
     // messageId field.
@@ -284,15 +282,7 @@ async fn rejections_store_nothing() {
     assert_eq!(stream_count(&s.nats.url()).await, 1);
 
     // Rejections are counted by reason.
-    let metrics = s
-        .http
-        .get(s.app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&s.http, &s.app).await;
     for reason in [
         "missing_key",
         "invalid_key",
@@ -374,15 +364,7 @@ async fn health_ready_and_metrics() {
     assert_eq!(health.status(), StatusCode::OK);
     let ready = s.http.get(s.app.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
-    let metrics = s
-        .http
-        .get(s.app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&s.http, &s.app).await;
     assert!(
         metrics.contains(
             "argus_http_requests_total{route=\"/api/v1/telemetry/ingest\",status=\"2xx\"}"

@@ -229,16 +229,7 @@ async fn keys_never_appear_in_responses_or_logs() {
     revoke_key(&s.http, &s.app, DEVICE, key_id).await;
     let (_, b, _) = ingest(&s.http, &s.app, Some(&key), &reading(DEVICE, 3.0), None).await;
     bodies.push(b.to_string());
-    bodies.push(
-        s.http
-            .get(s.app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    bodies.push(metrics_text(&s.http, &s.app).await);
 
     for body in &bodies {
         assert!(!body.contains(&secret), "a response echoed the key: {body}");

@@ -63,7 +63,13 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let batch: Vec<Reading> = (0..500).map(|_| reading()).collect();
+    let batch: Vec<(Reading, [u8; 32])> = (0..500)
+        .map(|_| {
+            let r = reading();
+            let digest = r.content_sha256();
+            (r, digest)
+        })
+        .collect();
     let mut g = c.benchmark_group("copy");
     g.throughput(Throughput::Elements(batch.len() as u64));
     g.bench_function("encode 500 rows", |b| {
@@ -71,8 +77,8 @@ fn benches(c: &mut Criterion) {
             || BytesMut::with_capacity(256 * 1024),
             |mut out| {
                 sink::copy::header(&mut out);
-                for r in &batch {
-                    sink::copy::row(&mut out, black_box(r));
+                for (r, digest) in &batch {
+                    sink::copy::row(&mut out, black_box(r), digest);
                 }
                 sink::copy::trailer(&mut out);
                 out

@@ -317,6 +317,7 @@ impl DlqPublisher {
             Ok(()) => metrics::dead_lettered(letter.reason),
             Err(e) if !e.is_retriable() => {
                 metrics::dlq_publish_failed();
+                metrics::dlq_unwritable(letter.reason);
                 tracing::error!(reason = %letter.reason, error = %e, record_limit = self.record_limit(),
                     "Dead letter cannot be written: even with no payload it exceeds the server's max_payload; raise max_payload.");
             }

@@ -7,7 +7,7 @@
 //! | [`PgArgs`] | `--database-url`, `--pg-pool-size` | `DATABASE_URL`, `<PREFIX>PG_POOL_SIZE` |
 //! | [`NatsArgs`] | `--nats-urls` | `NATS_URLS` |
 //! | [`RedisArgs`] | `--redis-url` | `REDIS_URL` |
-//! | [`BatchArgs`] | `--batch-size`, `--batch-linger` | `<PREFIX>BATCH_SIZE`, `<PREFIX>BATCH_LINGER` |
+//! | [`BatchArgs`] | `--batch-size`, `--batch-max-bytes`, `--batch-linger` | `<PREFIX>BATCH_SIZE`, `<PREFIX>BATCH_MAX_BYTES`, `<PREFIX>BATCH_LINGER` |
 //! | [`ShutdownArgs`] | `--shutdown-timeout` | `<PREFIX>SHUTDOWN_TIMEOUT` |
 //!
 //! Connection URLs have the same env name in every binary (one `.env` serves them
@@ -78,6 +78,8 @@ pub trait FlagEnv: Clone + Send + Sync + 'static {
     const BATCH_SIZE_DEFAULT: &'static str;
     const BATCH_LINGER: &'static str;
     const BATCH_LINGER_DEFAULT: &'static str;
+    const BATCH_MAX_BYTES: &'static str;
+    const BATCH_MAX_BYTES_DEFAULT: &'static str;
     const SHUTDOWN_TIMEOUT: &'static str;
     const SHUTDOWN_TIMEOUT_DEFAULT: &'static str;
 }
@@ -162,6 +164,12 @@ pub struct BatchArgs<E: FlagEnv> {
     #[arg(long, env = E::BATCH_SIZE, default_value = E::BATCH_SIZE_DEFAULT)]
     pub batch_size: usize,
 
+    /// ... or before its payload bytes would pass this many (a reading larger than
+    /// it is a batch by itself), so one batch is written well within the Postgres
+    /// attempt timeout. At least the largest payload accepted.
+    #[arg(long, env = E::BATCH_MAX_BYTES, default_value = E::BATCH_MAX_BYTES_DEFAULT)]
+    pub batch_max_bytes: usize,
+
     /// ... or when its oldest reading is this old, e.g. `20ms`.
     #[arg(long, env = E::BATCH_LINGER, default_value = E::BATCH_LINGER_DEFAULT)]
     pub batch_linger: String,
@@ -170,15 +178,41 @@ pub struct BatchArgs<E: FlagEnv> {
     _env: PhantomData<E>,
 }
 
+/// Validated [`BatchArgs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub size: usize,
+    pub max_bytes: usize,
+    pub linger: Duration,
+}
+
 impl<E: FlagEnv> BatchArgs<E> {
-    /// `(batch size, linger)`.
-    pub fn validate(&self) -> Result<(usize, Duration), ConfigError> {
+    /// `largest_payload` is the largest payload the source accepts, and the name of
+    /// its flag: a batch must be able to hold one.
+    pub fn validate(
+        &self,
+        largest_payload: usize,
+        payload_flag: &str,
+    ) -> Result<Batching, ConfigError> {
         if self.batch_size == 0 {
             return Err(ConfigError::new("batch-size", "must be at least 1"));
         }
+        if self.batch_max_bytes < largest_payload {
+            return Err(ConfigError::new(
+                "batch-max-bytes",
+                format!(
+                    "{} is less than {payload_flag} ({largest_payload}): a batch must hold the largest reading",
+                    self.batch_max_bytes
+                ),
+            ));
+        }
         let linger =
             parse_duration(&self.batch_linger).map_err(|r| ConfigError::new("batch-linger", r))?;
-        Ok((self.batch_size, linger))
+        Ok(Batching {
+            size: self.batch_size,
+            max_bytes: self.batch_max_bytes,
+            linger,
+        })
     }
 }
 
@@ -215,6 +249,8 @@ mod tests {
         const BATCH_SIZE_DEFAULT: &'static str = "7";
         const BATCH_LINGER: &'static str = "ARGUS_FLAGS_TEST_BATCH_LINGER";
         const BATCH_LINGER_DEFAULT: &'static str = "9ms";
+        const BATCH_MAX_BYTES: &'static str = "ARGUS_FLAGS_TEST_BATCH_MAX_BYTES";
+        const BATCH_MAX_BYTES_DEFAULT: &'static str = "1000";
         const SHUTDOWN_TIMEOUT: &'static str = "ARGUS_FLAGS_TEST_SHUTDOWN_TIMEOUT";
         const SHUTDOWN_TIMEOUT_DEFAULT: &'static str = "4s";
     }
@@ -234,9 +270,17 @@ mod tests {
         let cli = Cli::try_parse_from(["t", "--database-url", "postgres://x@h/db"]).expect("clap");
         assert_eq!(cli.pg.pg_pool_size, 3);
         assert_eq!(
-            cli.batch.validate().expect("valid"),
-            (7, Duration::from_millis(9))
+            cli.batch.validate(1000, "--max").expect("valid"),
+            Batching {
+                size: 7,
+                max_bytes: 1000,
+                linger: Duration::from_millis(9)
+            }
         );
+        // A batch must hold the largest reading; the error names both flags.
+        let err = cli.batch.validate(1001, "--max").unwrap_err();
+        assert_eq!(err.flag, "batch-max-bytes");
+        assert!(err.to_string().contains("--max (1001)"), "{err}");
         assert_eq!(
             cli.shutdown.validate().expect("valid"),
             Duration::from_secs(4)
@@ -254,7 +298,10 @@ mod tests {
         let cli = Cli::try_parse_from(["t", "--database-url", " ", "--batch-linger", "soon"])
             .expect("clap");
         assert_eq!(cli.pg.validate().unwrap_err().flag, "database-url");
-        assert_eq!(cli.batch.validate().unwrap_err().flag, "batch-linger");
+        assert_eq!(
+            cli.batch.validate(1, "--max").unwrap_err().flag,
+            "batch-linger"
+        );
         let cli =
             Cli::try_parse_from(["t", "--database-url", "u", "--pg-pool-size", "0"]).expect("clap");
         assert_eq!(cli.pg.validate().unwrap_err().flag, "pg-pool-size");

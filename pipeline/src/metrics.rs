@@ -52,13 +52,24 @@ pub const FLUSH_RETRIES_TOTAL: &str = "argus_sink_flush_retries_total";
 pub const STAGING_FALLBACKS_TOTAL: &str = "argus_sink_staging_fallbacks_total";
 /// Gauge: 1 while the last flush attempt succeeded, 0 while retrying.
 pub const SINK_HEALTHY: &str = "argus_sink_healthy";
+/// Gauge: payload bytes held by the sink (bounded by `queue_max_bytes`).
+pub const SINK_QUEUED_BYTES: &str = "argus_sink_queued_bytes";
+/// Counter: batches split in halves, label `cause` = data|timeout.
+pub const BATCH_SPLITS_TOTAL: &str = "argus_sink_batch_splits_total";
+/// Counter: readings that reused a stored message id with other content (dead-lettered
+/// as `id_conflict`).
+pub const ID_CONFLICTS_TOTAL: &str = "argus_sink_id_conflicts_total";
 
 // ---- dlq -------------------------------------------------------------------
 
 /// Counter: dead letters acknowledged by JetStream, label `reason`.
 pub const DEAD_LETTERED_TOTAL: &str = "argus_dlq_dead_lettered_total";
-/// Counter: dead letters that could not be written (the message stays unacknowledged).
+/// Counter: dead-letter publish attempts that failed (retried when transient).
 pub const DLQ_PUBLISH_FAILURES_TOTAL: &str = "argus_dlq_publish_failures_total";
+/// Counter: dead letters given up because no retry can write them (even empty they
+/// exceed the server's `max_payload`), label `reason`. The start-up check rules this
+/// out; any increase is a misconfigured server.
+pub const DLQ_UNWRITABLE_TOTAL: &str = "argus_dlq_unwritable_total";
 
 /// Registers `# HELP` text for every metric above and the zero series. Idempotent.
 pub fn describe() {
@@ -97,10 +108,23 @@ pub fn describe() {
         SINK_HEALTHY,
         "1 while the sink's last flush attempt succeeded."
     );
+    describe_gauge!(SINK_QUEUED_BYTES, "Payload bytes held by the sink.");
+    describe_counter!(
+        BATCH_SPLITS_TOTAL,
+        "Batches split in halves after a data error or a timeout."
+    );
+    describe_counter!(
+        ID_CONFLICTS_TOTAL,
+        "Readings that reused a stored message id with other content."
+    );
     describe_counter!(DEAD_LETTERED_TOTAL, "Dead letters written, by reason.");
     describe_counter!(
         DLQ_PUBLISH_FAILURES_TOTAL,
-        "Dead letters that could not be written."
+        "Dead-letter publish attempts that failed."
+    );
+    describe_counter!(
+        DLQ_UNWRITABLE_TOTAL,
+        "Dead letters given up: no retry can write them."
     );
     describe_registry();
     register_zeroes();
@@ -116,12 +140,17 @@ fn register_zeroes() {
         DUPLICATES_SKIPPED_TOTAL,
         PUBLISH_DUPLICATES_TOTAL,
         STAGING_FALLBACKS_TOTAL,
+        ID_CONFLICTS_TOTAL,
         DLQ_PUBLISH_FAILURES_TOTAL,
     ] {
         counter!(name).absolute(0);
     }
     for reason in DlqReason::ALL {
         counter!(DEAD_LETTERED_TOTAL, "reason" => reason.as_str()).absolute(0);
+        counter!(DLQ_UNWRITABLE_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
+    for cause in ["data", "timeout"] {
+        counter!(BATCH_SPLITS_TOTAL, "cause" => cause).absolute(0);
     }
     for stage in ["postgres", "jetstream", "dlq"] {
         counter!(FLUSH_RETRIES_TOTAL, "stage" => stage).absolute(0);
@@ -130,6 +159,7 @@ fn register_zeroes() {
         counter!(SINK_ENQUEUED_TOTAL, "source" => source.as_str()).absolute(0);
     }
     gauge!(SINK_QUEUED_MESSAGES).set(0.0);
+    gauge!(SINK_QUEUED_BYTES).set(0.0);
 }
 
 // ---- recording helpers -------------------------------------------------------
@@ -142,12 +172,29 @@ pub fn dlq_publish_failed() {
     counter!(DLQ_PUBLISH_FAILURES_TOTAL).increment(1);
 }
 
+pub fn dlq_unwritable(reason: DlqReason) {
+    counter!(DLQ_UNWRITABLE_TOTAL, "reason" => reason.as_str()).increment(1);
+}
+
 pub fn sink_enqueued(source: Source, n: usize) {
     counter!(SINK_ENQUEUED_TOTAL, "source" => source.as_str()).increment(n as u64);
 }
 
 pub fn sink_queued(delta: f64) {
     gauge!(SINK_QUEUED_MESSAGES).increment(delta);
+}
+
+pub fn sink_queued_bytes(delta: f64) {
+    gauge!(SINK_QUEUED_BYTES).increment(delta);
+}
+
+/// `cause` is `data` or `timeout`.
+pub fn batch_split(cause: &'static str) {
+    counter!(BATCH_SPLITS_TOTAL, "cause" => cause).increment(1);
+}
+
+pub fn id_conflicts(n: usize) {
+    counter!(ID_CONFLICTS_TOTAL).increment(n as u64);
 }
 
 pub fn persisted(n: usize) {

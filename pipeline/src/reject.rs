@@ -34,11 +34,15 @@ pub enum DlqReason {
     /// which `jsonb` cannot hold). Found by the sink when it splits a failing
     /// batch down to the single reading.
     Unstorable,
+    /// The message id is already stored with other content (a device whose counter
+    /// restarted, say): the stored row stays, this reading is not stored. Found by
+    /// the sink from `telemetry_raw.content_sha256`.
+    IdConflict,
 }
 
 impl DlqReason {
     /// Every reason, e.g. to pre-register metric series.
-    pub const ALL: [DlqReason; 9] = [
+    pub const ALL: [DlqReason; 10] = [
         DlqReason::BadTopic,
         DlqReason::NotUtf8,
         DlqReason::InvalidJson,
@@ -48,6 +52,7 @@ impl DlqReason {
         DlqReason::DisabledDevice,
         DlqReason::InvalidField,
         DlqReason::Unstorable,
+        DlqReason::IdConflict,
     ];
 
     /// The snake_case name: subject token, metric label, `reason` field.
@@ -62,6 +67,7 @@ impl DlqReason {
             DlqReason::DisabledDevice => "disabled_device",
             DlqReason::InvalidField => "invalid_field",
             DlqReason::Unstorable => "unstorable",
+            DlqReason::IdConflict => "id_conflict",
         }
     }
 

@@ -60,8 +60,10 @@ async fn jetstream_for(nats: &NatsServer) -> (async_nats::Client, jetstream::Con
 fn config() -> SinkConfig {
     SinkConfig {
         batch_size: 50,
+        batch_max_bytes: 1024 * 1024,
         batch_linger: Duration::from_millis(10),
         queue_capacity: 1000,
+        queue_max_bytes: 16 * 1024 * 1024,
         retry_initial: Duration::from_millis(50),
         retry_max: Duration::from_millis(500),
         pg_timeout: Duration::from_secs(5),
@@ -265,6 +267,186 @@ async fn redelivered_readings_are_stored_and_published_once() {
     assert_eq!(row_count(db.url()).await, 20);
     let msgs = stream_messages(&js, RAW_STREAM).await;
     assert_eq!(msgs.len(), 20, "JetStream deduplicates by Nats-Msg-Id");
+    sink.close();
+    task.await.unwrap();
+}
+
+/// A reading with a supplied `messageId`, so that its id does not depend on its payload.
+fn with_id(supplied: &str, v: i64) -> Reading {
+    reading(
+        SENSOR_IDS[0],
+        &format!(r#"{{"messageId":"{supplied}","v":{v}}}"#),
+    )
+}
+
+#[tokio::test]
+async fn a_reused_id_with_other_content_is_a_conflict_and_the_stored_row_stays() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+
+    let first = with_id("m-1", 1);
+    let d = sink
+        .enqueue(vec![first.clone()])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        d.conflicts.is_empty() && d.duplicate_ids.is_empty(),
+        "{d:?}"
+    );
+
+    // The same reading redelivered later, from another client: a duplicate,
+    // republished with the stored row's context.
+    let mut again = first.clone();
+    again.received_at = first.received_at + chrono::Duration::seconds(5);
+    again.client_id = Some("bridge-1-0".into());
+    let d = sink.enqueue(vec![again]).await.unwrap().await.unwrap();
+    assert_eq!(d.duplicate_ids, vec![first.message_id]);
+    assert!(d.conflicts.is_empty(), "{d:?}");
+    // The same JSON in other bytes (key order, whitespace), stored or in one batch:
+    // still a duplicate, not a conflict.
+    let reencoded = reading(SENSOR_IDS[0], r#"{ "v": 1, "messageId": "m-1" }"#);
+    assert_eq!(reencoded.message_id, first.message_id);
+    let d = sink
+        .enqueue(vec![reencoded.clone()])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(d.duplicate_ids, vec![first.message_id], "{d:?}");
+    let fresh = with_id("m-9", 1);
+    let fresh_reencoded = reading(SENSOR_IDS[0], r#"{"v":1, "messageId":"m-9"}"#);
+    let d = sink
+        .enqueue(vec![fresh.clone(), fresh_reencoded])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(d.duplicate_ids, vec![fresh.message_id], "{d:?}");
+    assert!(d.conflicts.is_empty(), "{d:?}");
+
+    // A restarted counter: the same id, other content. In the DLQ, not stored.
+    let reused = with_id("m-1", 2);
+    assert_eq!(reused.message_id, first.message_id);
+    let other = with_id("m-2", 1);
+    let d = sink
+        .enqueue(vec![other.clone(), reused.clone()])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(d.conflicts.len(), 1, "{d:?}");
+    let c = &d.conflicts[0];
+    assert_eq!(c.id, first.message_id);
+    assert_eq!(c.stored_sha256, hex::encode(first.content_sha256()));
+    assert_eq!(c.sha256, hex::encode(reused.content_sha256()));
+    assert!(
+        d.duplicate_ids.is_empty() && d.dead_lettered.is_empty(),
+        "{d:?}"
+    );
+
+    // Two readings under one new id in one batch: the first is stored, the second
+    // conflicts with it.
+    let (a, b) = (with_id("m-3", 1), with_id("m-3", 2));
+    let d = sink
+        .enqueue(vec![a.clone(), b.clone()])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(d.conflicts.len(), 1, "{d:?}");
+    assert_eq!(d.conflicts[0].sha256, hex::encode(b.content_sha256()));
+
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT payload->>'v', content_sha256, client_id FROM telemetry_raw \
+             WHERE id = ANY($1) ORDER BY payload->>'messageId'",
+            &[&vec![first.message_id, a.message_id]],
+        )
+        .await
+        .unwrap();
+    let v: Vec<(String, Vec<u8>, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        v,
+        vec![
+            (
+                "1".into(),
+                first.content_sha256().to_vec(),
+                "bridge-0-0".into()
+            ),
+            ("1".into(), a.content_sha256().to_vec(), "bridge-0-0".into()),
+        ]
+    );
+    assert_eq!(row_count(db.url()).await, 4, "m-1, m-2, m-3, m-9");
+
+    // JetStream holds the stored content once per id (the duplicate was published
+    // with the stored row's context, inside the dedupe window).
+    let raw = stream_messages(&js, RAW_STREAM).await;
+    assert_eq!(raw.len(), 4);
+    for m in &raw {
+        let env: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(env["payload"]["v"], 1, "{env}");
+        assert_eq!(env["clientId"], "bridge-0-0", "{env}");
+    }
+    let letters = stream_messages(&js, DLQ_STREAM).await;
+    let subjects: Vec<&str> = letters.iter().map(|l| l.subject.as_str()).collect();
+    assert_eq!(subjects, vec!["telemetry.dlq.id_conflict"; 2]);
+    let letter: serde_json::Value = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(letter["messageId"], first.message_id.to_string());
+    assert_eq!(letter["payload"], r#"{"messageId":"m-1","v":2}"#);
+    assert!(
+        letter["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&hex::encode(first.content_sha256())),
+        "{letter}"
+    );
+    sink.close();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_timed_out_batch_is_split_and_every_part_lands() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    // The server's statement timeout (SQLSTATE 57014) refuses a batch of 40 rows
+    // that each take 10 ms to insert (a trigger stands in for slow storage); halves
+    // of 10 or fewer fit.
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$; \
+             CREATE TRIGGER slow_row BEFORE INSERT ON telemetry_raw \
+             FOR EACH ROW EXECUTE FUNCTION slow_row();",
+        )
+        .await
+        .unwrap();
+    let url = format!("{}?options=-c%20statement_timeout%3D150", db.url());
+    let mut cfg = config();
+    cfg.batch_size = 40;
+    cfg.batch_linger = Duration::from_millis(200);
+    let (sink, task) = Sink::start(cfg, pool(&url), js.clone());
+
+    let rs = readings(40, "slow");
+    let tickets = enqueue_each(&sink, &rs).await;
+    assert_eq!(
+        await_all(tickets, Duration::from_secs(30)).await,
+        (40, 0),
+        "every reading stored once, none dead-lettered"
+    );
+    assert_eq!(row_count(db.url()).await, 40);
+    assert_eq!(stream_messages(&js, RAW_STREAM).await.len(), 40);
     sink.close();
     task.await.unwrap();
 }

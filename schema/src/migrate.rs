@@ -63,6 +63,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(2, "0002", "iot_foundation"),
     migration!(3, "0003", "device_certificates"),
     migration!(4, "0004", "device_api_keys"),
+    migration!(5, "0005", "telemetry_content_digest"),
 ];
 
 /// The advisory lock key held while migrating or rolling back ("ARGUS_MG").
@@ -81,7 +82,7 @@ pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.version)
 }
 
-/// "0, 1, 2, 3, 4": the versions `--to` accepts.
+/// "0, 1, 2, 3, 4, 5": the versions `--to` accepts.
 fn valid_targets() -> String {
     std::iter::once("0".to_owned())
         .chain(MIGRATIONS.iter().map(|m| m.version.to_string()))

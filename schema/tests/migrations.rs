@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 // ---------------------------------------------------------------------------
 
 /// `table.column|type|null or not null|default`. For the tables the plan
-/// creates (and 0003, 0004) this is every column; for the tables it extends,
+/// creates (and 0003, 0004, 0005) this is every column; for the tables it extends,
 /// the columns it adds plus the brief's `devices` columns.
 const EXPECTED_COLUMNS: &str = "
 devices.id|uuid|not null|gen_random_uuid()
@@ -87,6 +87,7 @@ telemetry_raw.ingestion_source|text|null|'mqtt'::text
 telemetry_raw.mqtt_topic|text|null|
 telemetry_raw.client_id|text|null|
 telemetry_raw.created_at|timestamp with time zone|not null|now()
+telemetry_raw.content_sha256|bytea|null|
 telemetry_chunks.id|uuid|not null|gen_random_uuid()
 telemetry_chunks.tenant_id|uuid|not null|
 telemetry_chunks.device_id|uuid|not null|
@@ -494,7 +495,7 @@ async fn every_down_migration_restores_the_previous_state_exactly() {
         migrate::migrate_to(&mut client, m.version).await.unwrap();
         up.push(without_bookkeeping(&catalog_dump(&client).await));
     }
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5]);
 
     // Coming down one step at a time must meet the same states.
     for (i, m) in MIGRATIONS.iter().enumerate().rev() {
@@ -531,7 +532,7 @@ async fn rollback_to_zero_leaves_nothing_and_migrate_again_gives_the_identical_s
             .iter()
             .map(|s| s.version)
             .collect::<Vec<_>>(),
-        vec![4, 3, 2, 1]
+        vec![5, 4, 3, 2, 1]
     );
     assert_eq!(report.current_version, 0);
     assert_same_schema(
@@ -588,7 +589,7 @@ async fn two_migrate_runs_started_together_both_succeed_and_apply_each_migration
     assert_eq!(counts, [0, MIGRATIONS.len()]);
     assert_eq!(ra.current_version, migrate::latest_version());
     assert_eq!(rb.current_version, migrate::latest_version());
-    assert_eq!(applied_versions(&a).await, vec![1, 2, 3, 4]);
+    assert_eq!(applied_versions(&a).await, vec![1, 2, 3, 4, 5]);
 }
 
 #[tokio::test]
@@ -654,25 +655,25 @@ async fn invalid_rollbacks_are_refused_and_change_nothing() {
 
     migrate::migrate(&mut client).await.unwrap();
     let before = catalog_dump(&client).await;
-    for to in [5, 42, -1] {
+    for to in [6, 42, -1] {
         let err = migrate::rollback(&mut client, Some(to)).await.unwrap_err();
         assert!(matches!(err, MigrateError::NoSuchVersion { .. }), "{err:?}");
         assert!(err.to_string().contains(&to.to_string()), "{err}");
     }
     // Not below the current version.
-    let err = migrate::rollback(&mut client, Some(4)).await.unwrap_err();
+    let err = migrate::rollback(&mut client, Some(5)).await.unwrap_err();
     assert!(
         matches!(
             err,
             MigrateError::TargetNotBelowCurrent {
-                target: 4,
-                current: 4
+                target: 5,
+                current: 5
             }
         ),
         "{err:?}"
     );
     assert_same_schema(&catalog_dump(&client).await, &before, "schema changed");
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5]);
 
     // Past the first migration: after rolling back everything, one more step is refused.
     migrate::rollback(&mut client, Some(0)).await.unwrap();
@@ -693,7 +694,7 @@ async fn status_reports_pending_and_applied() {
     migrate::migrate_to(&mut client, 2).await.unwrap();
     let status = migrate::status(&client).await.unwrap();
     assert_eq!(status.current_version, 2);
-    assert_eq!(status.pending(), 2);
+    assert_eq!(status.pending(), MIGRATIONS.len() - 2);
     assert!(!status.is_up_to_date());
 
     migrate::migrate(&mut client).await.unwrap();
@@ -887,7 +888,7 @@ async fn cli_migrate_status_rollback() {
     let run = run_cli(&["migrate"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
-        run.stdout.contains("applied 0004_device_api_keys"),
+        run.stdout.contains("applied 0005_telemetry_content_digest"),
         "{}",
         run.stdout
     );
@@ -895,7 +896,7 @@ async fn cli_migrate_status_rollback() {
 
     // Bad rollbacks: a clear error, nothing changed.
     let before = catalog_dump(&client).await;
-    for to in ["9", "4"] {
+    for to in ["9", "5"] {
         let run = run_cli(&["rollback", "--to", to], db.url());
         assert_ne!(run.code, 0, "--to {to}: {}", run.stdout);
         assert!(
@@ -913,11 +914,12 @@ async fn cli_migrate_status_rollback() {
     let run = run_cli(&["rollback"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
-        run.stdout.contains("rolled back 0004_device_api_keys"),
+        run.stdout
+            .contains("rolled back 0005_telemetry_content_digest"),
         "{}",
         run.stdout
     );
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4]);
 
     let run = run_cli(&["rollback", "--to", "0"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);

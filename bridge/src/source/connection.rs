@@ -16,6 +16,7 @@ use super::ack::{acker, bump_epoch, Epoch, Pending};
 use super::handler::Handler;
 use super::intake::{release_in_flight, Intake, Pushed, Received};
 use super::options::request_capacity;
+use super::unacked::Unacked;
 use super::worker::worker;
 use crate::config::MqttConfig;
 use crate::metrics;
@@ -28,13 +29,15 @@ pub async fn run_connection<H: Handler>(
     opts: MqttOptions,
     handler: Arc<H>,
     status: Status,
+    unacked: Unacked,
     shutdown: CancellationToken,
 ) {
     let client_id: Arc<str> = opts.client_id().into();
     let subscription = cfg.subscription();
     let (client, mut eventloop) = AsyncClient::new(opts, request_capacity(cfg.max_inflight));
     let epoch = Arc::new(Epoch::new());
-    let intake = Arc::new(Intake::default());
+    let intake = Arc::new(Intake::new(cfg.intake));
+    let head = unacked.head(conn);
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(cfg.max_inflight);
     // Cancelled by the acker when everything admitted has been acknowledged
     // after the intake closed, so the poll loop can disconnect.
@@ -46,6 +49,7 @@ pub async fn run_connection<H: Handler>(
         handler,
         client_id.clone(),
         epoch.clone(),
+        head.clone(),
         shutdown.clone(),
     ));
     let acker = tokio::spawn(acker(
@@ -53,6 +57,7 @@ pub async fn run_connection<H: Handler>(
         client.clone(),
         epoch.clone(),
         client_id.clone(),
+        head,
         drained.clone(),
     ));
 
@@ -62,6 +67,14 @@ pub async fn run_connection<H: Handler>(
     let mut current_epoch: u64 = epoch.get();
     let mut dropped_while_draining: u64 = 0;
     let mut overflow_warned = false;
+    let mut shed_since_warned: u64 = 0;
+    // Set when a QoS 1 message finds the intake full: further QoS 1 messages are
+    // left to the broker until everything queued is acknowledged, then the
+    // connection is renewed (the broker redelivers what it kept).
+    let mut refusing = false;
+    let mut full_backoff = Backoff::new(cfg.reconnect_max);
+    // PUBACKs written to the network; see `Epoch::drained`.
+    let mut acks_written: u64 = 0;
 
     loop {
         if shutdown.is_cancelled() && (!up || drained.is_cancelled()) {
@@ -102,6 +115,16 @@ pub async fn run_connection<H: Handler>(
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => {
                 metrics::received();
+                if !epoch.track(current_epoch, &publish) {
+                    // Already queued on this connection; its PUBACK follows.
+                    metrics::dup_skipped();
+                    continue;
+                }
+                if refusing && publish.qos != QoS::AtMostOnce {
+                    epoch.untrack(current_epoch, publish.pkid);
+                    metrics::left_to_broker();
+                    continue;
+                }
                 let r = Received {
                     epoch: current_epoch,
                     publish,
@@ -114,8 +137,32 @@ pub async fn run_connection<H: Handler>(
                         // broker redelivers it when the session resumes.
                         dropped_while_draining += 1;
                     }
+                    Pushed::Full(r) if r.is_qos0() => {
+                        // At-most-once by contract: shed, counted, never queued
+                        // without bound (docs/reliability.md).
+                        metrics::shed_qos0();
+                        if shed_since_warned == 0 {
+                            warn!(client_id = %client_id, max_messages = cfg.intake.max_messages, max_bytes = cfg.intake.max_bytes, "Intake full: shedding QoS 0 messages (counted in argus_bridge_shed_total) until it drains.");
+                        }
+                        shed_since_warned += 1;
+                    }
+                    Pushed::Full(r) => {
+                        // A QoS 1 message the broker sent past its window: not
+                        // admitted, not acknowledged. The broker keeps it and
+                        // redelivers it on the resumed session; see `refusing`.
+                        epoch.untrack(current_epoch, r.publish.pkid);
+                        metrics::left_to_broker();
+                        if !refusing {
+                            refusing = true;
+                            warn!(client_id = %client_id, max_messages = cfg.intake.max_messages, max_bytes = cfg.intake.max_bytes, "Intake full with a QoS 1 message: leaving further QoS 1 messages to the broker until what is queued is acknowledged, then reconnecting so it redelivers them.");
+                        }
+                    }
                     Pushed::Queued(len) => {
                         metrics::in_flight(1.0);
+                        if len == 1 && shed_since_warned > 0 {
+                            info!(client_id = %client_id, shed = shed_since_warned, "Intake drained; QoS 0 messages are admitted again.");
+                            shed_since_warned = 0;
+                        }
                         if len > cfg.max_inflight && !overflow_warned {
                             overflow_warned = true;
                             metrics::intake_overflow();
@@ -130,19 +177,18 @@ pub async fn run_connection<H: Handler>(
                     break;
                 }
             }
+            Ok(Event::Outgoing(Outgoing::PubAck(_))) => {
+                acks_written += 1;
+                // Progress: a reconnect after an intake-full episode may follow at once.
+                full_backoff.reset();
+            }
             Ok(_) => {}
             Err(e) => {
-                if subscribed {
-                    subscribed = false;
-                    status.connection_down();
-                }
-                if up {
-                    up = false;
-                    metrics::mqtt_connected(conn, false);
-                }
+                went_down(&status, conn, &mut up, &mut subscribed);
                 // Everything received on the lost connection stays
                 // unacknowledged; acks for it are dropped from now on.
                 current_epoch = bump_epoch(&epoch, &mut eventloop);
+                acks_written = epoch.acks_queued();
                 // Their copies come again on the resumed session; processing
                 // the old ones would only hold up the new.
                 release_in_flight(intake.purge_before(current_epoch));
@@ -156,6 +202,26 @@ pub async fn run_connection<H: Handler>(
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => {}
                 }
+            }
+        }
+        if refusing && epoch.drained(current_epoch, acks_written) {
+            // Everything queued before the intake filled is acknowledged: end the
+            // session's connection so the broker redelivers what was left to it.
+            // Each round acknowledges what the intake held, so this cannot spin
+            // without progress; rounds that acknowledged nothing back off.
+            refusing = false;
+            metrics::intake_full_disconnect();
+            let delay = full_backoff.next_delay();
+            info!(client_id = %client_id, retry_in_ms = delay.as_millis() as u64, "Queued messages acknowledged; reconnecting so the broker redelivers what it kept.");
+            went_down(&status, conn, &mut up, &mut subscribed);
+            // Drops the network at once; the acks were flushed already.
+            current_epoch = bump_epoch(&epoch, &mut eventloop);
+            acks_written = epoch.acks_queued();
+            release_in_flight(intake.purge_before(current_epoch));
+            metrics::reconnected();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => {}
             }
         }
     }
@@ -172,11 +238,21 @@ pub async fn run_connection<H: Handler>(
     // Stop the worker and acker if they still run (connection lost during the
     // drain); what they hold is not acknowledged and will be redelivered.
     intake.close();
-    release_in_flight(intake.purge_before(u64::MAX));
+    release_in_flight(intake.discard_all());
     worker.abort();
     acker.abort();
     let _ = worker.await;
     let _ = acker.await;
     drop(eventloop);
     info!(client_id = %client_id, "MQTT connection closed.");
+}
+
+/// The connection is gone: not ready, not connected.
+fn went_down(status: &Status, conn: u16, up: &mut bool, subscribed: &mut bool) {
+    if std::mem::take(subscribed) {
+        status.connection_down();
+    }
+    if std::mem::take(up) {
+        metrics::mqtt_connected(conn, false);
+    }
 }

@@ -3,7 +3,8 @@
 //!
 //! Files: [`handler`] (what a message is handed to), [`tls`] and [`options`]
 //! (how a connection is set up), [`connection`] (the poll loop), [`intake`] (poll
-//! task to worker), [`worker`] (admits in order), [`ack`] (in-order PUBACKs).
+//! task to worker), [`worker`] (admits in order), [`ack`] (in-order PUBACKs),
+//! [`unacked`] (the age of the oldest unacknowledged message, for `/ready`).
 //!
 //! ## One connection, three tasks
 //!
@@ -15,12 +16,16 @@
 //!
 //! - The **poll task** only drives [`rumqttc::EventLoop::poll`]. It stamps each
 //!   publish with its receive time and pushes it onto the intake, which never
-//!   blocks (see [`intake`]). The intake is bounded by the protocol: it
-//!   holds only unacknowledged messages of the current connection, and the
-//!   broker never has more than its inflight window of those outstanding;
-//!   entries of a lost connection are purged when it reconnects. A length
-//!   above `--max-inflight` means the broker's window is larger than
-//!   configured and is reported (metric and warning).
+//!   blocks (see [`intake`]). The intake is bounded in count and bytes
+//!   (`--intake-max-messages`, `--intake-max-bytes`), because the broker's
+//!   inflight window does not bound it (QoS 0 has none, Mosquitto 2.0 exceeds
+//!   it, EMQX re-sends unacknowledged messages). Past the bound a QoS 0 message
+//!   is shed and counted; a QoS 1 message drops the connection, so the broker
+//!   keeps it and redelivers it on the resumed session. A DUP of a packet id
+//!   still outstanding on the connection is not queued twice. Entries of a
+//!   lost connection are purged when it reconnects. A length above
+//!   `--max-inflight` means the broker's window is larger than configured and
+//!   is reported (metric and warning).
 //! - The **worker** awaits [`Handler::admit`] for one publish at a time, in
 //!   receive order: topic and payload checks, the registry look-up, and a place
 //!   in the sink (it waits there when the sink is full: backpressure). `admit`
@@ -33,7 +38,8 @@
 //! Backpressure: when the sink is full the worker waits, the intake queue
 //! fills up to the broker's window, the broker stops sending (its inflight
 //! window is full of unacknowledged messages) and keeps the rest queued. The
-//! poll task keeps reading and writing (pings, acks) all the while.
+//! poll task keeps reading and writing (pings, acks) all the while. A broker
+//! that sends past its window meets the intake's bound instead (above).
 //!
 //! ## Sessions and reconnects
 //!
@@ -56,6 +62,7 @@ pub mod handler;
 mod intake;
 pub mod options;
 pub mod tls;
+pub mod unacked;
 mod worker;
 
 use std::sync::Arc;
@@ -65,8 +72,10 @@ use tracing::error;
 
 pub use connection::run_connection;
 pub use handler::{Durable, Handler, Message, NotDurable};
+pub use intake::fits as intake_fits;
 pub use options::mqtt_options;
 pub use tls::{tls_config, tls_configs, TlsError};
+pub use unacked::Unacked;
 
 use crate::config::MqttConfig;
 use crate::server::Status;
@@ -79,6 +88,7 @@ pub async fn run<H: Handler>(
     tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     handler: Arc<H>,
     status: Status,
+    unacked: Unacked,
     shutdown: CancellationToken,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
@@ -90,6 +100,7 @@ pub async fn run<H: Handler>(
             opts,
             handler.clone(),
             status.clone(),
+            unacked.clone(),
             shutdown.clone(),
         ));
     }

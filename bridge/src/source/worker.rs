@@ -12,6 +12,7 @@ use tracing::info;
 use super::ack::{Epoch, Pending};
 use super::handler::{Handler, Message};
 use super::intake::{release_in_flight, Intake};
+use super::unacked::Head;
 
 pub(super) async fn worker<H: Handler>(
     intake: Arc<Intake>,
@@ -19,6 +20,7 @@ pub(super) async fn worker<H: Handler>(
     handler: Arc<H>,
     client_id: Arc<str>,
     epoch: Arc<Epoch>,
+    head: Arc<Head>,
     shutdown: CancellationToken,
 ) {
     let mut closed = false;
@@ -39,8 +41,9 @@ pub(super) async fn worker<H: Handler>(
                 None => break,
             },
         };
-        if r.epoch != epoch.get() {
+        if r.epoch != epoch.get() && !r.is_qos0() {
             // Received on a connection that is gone: the broker sends it again.
+            // (QoS 0 is never sent again and needs no ack: it is admitted.)
             release_in_flight(1);
             continue;
         }
@@ -51,6 +54,7 @@ pub(super) async fn worker<H: Handler>(
             received_at: r.received_at,
             dup: r.publish.dup,
         };
+        head.worker(Some(r.at));
         let durable = handler.admit(msg).await;
         // Keep only what the ack needs; the payload lives on in the sink.
         let mut publish = r.publish;
@@ -61,7 +65,9 @@ pub(super) async fn worker<H: Handler>(
             at: r.at,
             durable,
         };
-        if pending.send(p).await.is_err() {
+        let sent = pending.send(p).await;
+        head.worker(None);
+        if sent.is_err() {
             break;
         }
     }

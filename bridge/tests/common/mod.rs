@@ -258,6 +258,17 @@ impl Stack {
 
     /// Starts the `argus-bridge` binary as a child process and waits until it is ready.
     pub async fn bridge_process(&self, replica: u32, metrics_port: u16) -> BridgeProcess {
+        self.bridge_process_with(replica, metrics_port, &[]).await
+    }
+
+    /// [`Stack::bridge_process`] with `extra` flags after the usual ones (a flag
+    /// given twice takes the last value).
+    pub async fn bridge_process_with(
+        &self,
+        replica: u32,
+        metrics_port: u16,
+        extra: &[&str],
+    ) -> BridgeProcess {
         let log = std::fs::File::create(
             self.pki
                 .dir
@@ -267,6 +278,7 @@ impl Stack {
         .unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_argus-bridge"))
             .args(self.bridge_args(replica))
+            .args(extra)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))
             .env("RUST_LOG", "info")
@@ -331,6 +343,11 @@ impl BridgeProcess {
             .status();
     }
 
+    /// Resident set size of the process, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_of(self.child.id()).expect("VmRSS of the bridge")
+    }
+
     pub fn metrics(&self) -> String {
         argus_testkit::http_get(self.metrics_port, "/metrics")
             .map(|(_, b)| b)
@@ -344,6 +361,20 @@ impl Drop for BridgeProcess {
     }
 }
 
+/// Resident set size of process `pid`, in bytes (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// Waits until `/ready` answers 200.
 pub async fn wait_ready(port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -352,6 +383,15 @@ pub async fn wait_ready(port: u16, timeout: Duration) {
             return;
         }
         assert!(Instant::now() < deadline, "bridge on :{port} not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (polling every 100 ms) until `done` holds; panics naming `what` after `timeout`.
+pub async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -432,6 +472,14 @@ impl Publisher {
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish request");
+    }
+
+    /// Publishes at QoS 0 (no PUBACK, at most once).
+    pub async fn publish_qos0(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, payload)
             .await
             .expect("publish request");
     }
@@ -596,4 +644,23 @@ pub async fn assert_exactly_once(stack: &Stack, expected: &HashSet<Uuid>) {
         .collect();
     assert_eq!(ids.len(), msgs.len(), "duplicate Nats-Msg-Id in the stream");
     assert_eq!(&ids, expected, "stream ids differ from what was published");
+}
+
+/// One MQTT packet: the fixed header byte, the remaining length, the body.
+pub fn mqtt_packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![header];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
 }

@@ -56,6 +56,7 @@ pub fn config(db_url: &str, nats_url: &str, redis_url: &str, limits: Limits) -> 
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: db_url.to_string(),
         pg_pool_size: 4,
+        sink_pg_pool_size: 4,
         nats_urls: vec![nats_url.to_string()],
         redis_url: Some(redis_url.to_string()),
         admin_token: AdminToken::new(ADMIN_TOKEN),
@@ -65,19 +66,25 @@ pub fn config(db_url: &str, nats_url: &str, redis_url: &str, limits: Limits) -> 
         limits,
         batch_size: 100,
         batch_linger: Duration::from_millis(2),
+        batch_max_bytes: 8 * 1024 * 1024,
         shutdown_timeout: Duration::from_secs(5),
         log_json: false,
     }
 }
 
-/// Limits for tests: no rate limit unless a test asks, short durability timeout.
+/// Limits for tests: no rate limits (per device, per address) unless a test asks, short
+/// durability timeout, the production in-flight bounds.
 pub fn test_limits() -> Limits {
     Limits {
         body_limit: 64 * 1024,
+        max_reading_bytes: 64 * 1024,
         max_batch_readings: 100,
         rate_limit_per_device: 0.0,
         rate_limit_burst: 1,
         durability_timeout: Duration::from_secs(2),
+        preauth_rate_per_address: 0.0,
+        preauth_burst: 1,
+        ..Limits::default()
     }
 }
 
@@ -281,4 +288,69 @@ pub fn error_code(body: &Value) -> &str {
     assert_eq!(body["success"], false, "{body}");
     assert!(body["error"]["message"].is_string(), "{body}");
     body["error"]["code"].as_str().unwrap()
+}
+
+pub fn reading_with(metrics: &str, extra: &str) -> String {
+    format!(r#"{{"deviceId":"{DEVICE}","metrics":{metrics}{extra}}}"#)
+}
+
+/// A compact single reading of exactly `len` bytes (as sent and as stored).
+pub fn reading_of_len(len: usize) -> Vec<u8> {
+    let empty = reading_with(r#"{"pad":""}"#, "");
+    reading_with(
+        &format!(r#"{{"pad":"{}"}}"#, "x".repeat(len - empty.len())),
+        "",
+    )
+    .into_bytes()
+}
+
+/// POST /api/v1/telemetry/ingest with raw body bytes and a key.
+pub async fn ingest_raw(
+    http: &reqwest::Client,
+    app: &App,
+    key: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+    let resp = http
+        .post(app.url("/api/v1/telemetry/ingest"))
+        .header("content-type", "application/json")
+        .header("x-api-key", key)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    (status, resp.json().await.unwrap_or(Value::Null), headers)
+}
+
+/// An ingest request that declares `content_length` body bytes and sends one: the
+/// sidecar holds it (and its budgets) until the connection is dropped.
+pub async fn hold_request(app: &App, key: &str, content_length: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let addr = app.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/telemetry/ingest HTTP/1.1\r\nhost: {addr}\r\n\
+         content-type: application/json\r\nx-api-key: {key}\r\n\
+         content-length: {content_length}\r\n\r\n["
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    stream
+}
+
+/// The sidecar's `/metrics` exposition.
+pub async fn metrics_text(http: &reqwest::Client, app: &App) -> String {
+    let response = http.get(app.url("/metrics")).send().await.unwrap();
+    response.text().await.unwrap()
+}
+
+/// Waits (at most 10 s) until `done` holds.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

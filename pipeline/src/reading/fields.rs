@@ -3,6 +3,9 @@
 //! `totalChunks` and `messageId` are typed and range-checked; every other value is
 //! walked without being built, and refused where `jsonb` could not store it.
 
+use std::borrow::Cow;
+use std::collections::HashSet;
+
 use chrono::{DateTime, Datelike, SubsecRound, Utc};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
@@ -156,27 +159,58 @@ enum Key {
     Other,
 }
 
-impl<'de> Deserialize<'de> for Key {
+impl Key {
+    fn of(name: &str) -> Key {
+        match name {
+            "timestamp" => Key::Timestamp,
+            "correlationId" => Key::CorrelationId,
+            "sequenceNumber" => Key::SequenceNumber,
+            "totalChunks" => Key::TotalChunks,
+            "messageId" => Key::MessageId,
+            _ => Key::Other,
+        }
+    }
+}
+
+/// An object key, borrowed from the payload when it has no escapes, checked for
+/// what `jsonb` cannot store.
+struct KeyName<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for KeyName<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = Key;
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = KeyName<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("an object key")
             }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key, E> {
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<KeyName<'de>, E> {
                 storable_str(s)?;
-                Ok(match s {
-                    "timestamp" => Key::Timestamp,
-                    "correlationId" => Key::CorrelationId,
-                    "sequenceNumber" => Key::SequenceNumber,
-                    "totalChunks" => Key::TotalChunks,
-                    "messageId" => Key::MessageId,
-                    _ => Key::Other,
-                })
+                Ok(KeyName(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<KeyName<'de>, E> {
+                storable_str(s)?;
+                Ok(KeyName(Cow::Owned(s.to_owned())))
             }
         }
-        d.deserialize_identifier(KeyVisitor)
+        d.deserialize_str(NameVisitor)
+    }
+}
+
+/// The keys seen so far in one object: a repeated key is refused as invalid JSON.
+/// Parsers disagree on which copy wins (Postgres `jsonb` keeps the last, others the
+/// first), and a check that reads one copy while the store keeps the other can be
+/// bypassed (`{"sequenceNumber":"\u0000","sequenceNumber":1}`).
+#[derive(Default)]
+struct SeenKeys<'de>(HashSet<Cow<'de, str>>);
+
+impl<'de> SeenKeys<'de> {
+    fn insert<E: de::Error>(&mut self, key: KeyName<'de>) -> Result<(), E> {
+        if self.0.insert(key.0) {
+            Ok(())
+        } else {
+            Err(E::custom("duplicate object key"))
+        }
     }
 }
 
@@ -233,11 +267,24 @@ impl<'de> Visitor<'de> for StorableVisitor {
         Ok(Storable)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Storable, A::Error> {
-        while map.next_key::<Storable>()?.is_some() {
+        let mut seen = SeenKeys::default();
+        while let Some(key) = map.next_key::<KeyName<'de>>()? {
+            seen.insert(key)?;
             map.next_value::<Storable>()?;
         }
         Ok(Storable)
     }
+}
+
+/// Checks any JSON text for what `jsonb` would store other than sent: a key
+/// repeated in one object (at any depth), or U+0000 in a string or key. The error
+/// is serde_json's message with line and column, never the text's content. For a
+/// source that parses its body with another parser first (the HTTP sidecar).
+pub fn storable_json(json: &[u8]) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    Storable::deserialize(&mut de)
+        .and_then(|_| de.end())
+        .map_err(|e| e.to_string())
 }
 
 struct TopVisitor;
@@ -251,8 +298,10 @@ impl<'de> Visitor<'de> for TopVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
         let mut raw = RawFields::default();
-        // Duplicate keys: the last one wins, as in Postgres jsonb.
-        while let Some(key) = map.next_key::<Key>()? {
+        let mut seen = SeenKeys::default();
+        while let Some(name) = map.next_key::<KeyName<'de>>()? {
+            let key = Key::of(&name.0);
+            seen.insert(name)?;
             match key {
                 Key::Timestamp => raw.timestamp = Some(map.next_value()?),
                 Key::CorrelationId => raw.correlation_id = Some(map.next_value()?),

@@ -16,7 +16,8 @@
 //!    are case-insensitive) and the device id is stored in canonical lower case.
 //! 2. payload length ≤ [`Limits::max_payload_bytes`] → else `oversize`.
 //! 3. payload is UTF-8 → else `not_utf8`.
-//! 4. payload is one JSON value (surrounding whitespace allowed) → else `invalid_json`.
+//! 4. payload is one JSON value (surrounding whitespace allowed), with no key repeated
+//!    in any object (parsers disagree on which copy wins) → else `invalid_json`.
 //! 5. that value is an object → else `not_object`.
 //! 6. known fields, when present and not `null`, have the right type → else
 //!    `invalid_field` with the field's name first in the detail:
@@ -36,9 +37,10 @@ mod fields;
 
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound, Utc};
+use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
-pub use fields::{Fields, MAX_ID_FIELD_BYTES};
+pub use fields::{storable_json, Fields, MAX_ID_FIELD_BYTES};
 
 use crate::message_id;
 pub use crate::reject::{DlqReason, Reject};
@@ -116,6 +118,15 @@ impl Source {
             Source::Http => "http",
         }
     }
+
+    /// The inverse of [`Source::as_str`].
+    pub fn parse(s: &str) -> Option<Source> {
+        match s {
+            "mqtt" => Some(Source::Mqtt),
+            "http" => Some(Source::Http),
+            _ => None,
+        }
+    }
 }
 
 /// One accepted message, ready for [`crate::sink::SinkHandle::enqueue`].
@@ -170,6 +181,13 @@ impl Reading {
             mqtt_topic,
             client_id,
         }
+    }
+
+    /// SHA-256 of the payload bytes: `telemetry_raw.content_sha256`. One id with one
+    /// digest is one reading delivered again; one id with two digests is an id
+    /// conflict (the sink dead-letters the newcomer as `id_conflict`).
+    pub fn content_sha256(&self) -> [u8; 32] {
+        Sha256::digest(&self.payload).into()
     }
 }
 
@@ -396,14 +414,26 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_keys_last_wins() {
-        let c = check(
+    fn duplicate_keys_are_invalid_json() {
+        // The first copy would skip the U+0000 check and the store keep the last
+        // (or the other way round): a repeated key is refused at every level.
+        for payload in [
+            &br#"{"sequenceNumber":"\u0000","sequenceNumber":1}"#[..],
+            br#"{"a":1,"a":1}"#,
+            br#"{"v":{"x":1,"\u0078":2}}"#,
+            br#"{"v":[{"k":1,"k":2}]}"#,
+        ] {
+            let r = check(&topic(), payload, &Limits::default()).unwrap_err();
+            assert_eq!(r.reason, DlqReason::InvalidJson, "{payload:?}");
+            assert!(r.detail.contains("duplicate object key"), "{}", r.detail);
+        }
+        // The same key in sibling objects is not a repeat.
+        assert!(check(
             &topic(),
-            br#"{"sequenceNumber":"x","sequenceNumber":5}"#,
-            &Limits::default(),
+            br#"{"a":{"k":1},"b":{"k":2}}"#,
+            &Limits::default()
         )
-        .unwrap();
-        assert_eq!(c.fields.sequence_number, Some(5));
+        .is_ok());
     }
 
     #[test]

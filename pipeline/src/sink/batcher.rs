@@ -5,7 +5,10 @@
 //! oldest unit has waited `linger` since it was enqueued (old enough), or when
 //! the queue is closed and drained (shutdown). Units are never split: a unit
 //! larger than `size` is a batch by itself, and a batch may exceed `size` by
-//! less than one unit.
+//! less than one unit. Bytes are a hard bound: a unit that would take the batch
+//! past `max_bytes` starts the next batch instead (a unit larger than `max_bytes`
+//! is a batch by itself), so a batch of large payloads stays within what one
+//! Postgres attempt can write before its timeout.
 
 use std::time::Duration;
 
@@ -17,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 pub trait Batchable {
     /// Readings it counts for.
     fn weight(&self) -> usize;
+    /// Payload bytes it counts for.
+    fn bytes(&self) -> usize;
     /// When it entered the queue; the batch deadline is the oldest's plus `linger`.
     fn enqueued_at(&self) -> Instant;
 }
@@ -25,7 +30,10 @@ pub trait Batchable {
 pub struct Batcher<T> {
     rx: mpsc::Receiver<T>,
     size: usize,
+    max_bytes: usize,
     linger: Duration,
+    /// A unit that did not fit the last batch's bytes: the next batch starts with it.
+    carry: Option<T>,
     /// Cancelled by `SinkHandle::close`: stop taking new units, drain the queue.
     close: CancellationToken,
     closing: bool,
@@ -35,13 +43,16 @@ impl<T: Batchable> Batcher<T> {
     pub fn new(
         rx: mpsc::Receiver<T>,
         size: usize,
+        max_bytes: usize,
         linger: Duration,
         close: CancellationToken,
     ) -> Self {
         Batcher {
             rx,
             size: size.max(1),
+            max_bytes: max_bytes.max(1),
             linger,
+            carry: None,
             close,
             closing: false,
         }
@@ -51,10 +62,23 @@ impl<T: Batchable> Batcher<T> {
     /// or `close` cancelled) and drained.
     pub async fn next_batch(&mut self) -> Option<Vec<T>> {
         let mut batch: Vec<T> = Vec::new();
-        let mut weight = 0usize;
+        let (mut weight, mut bytes) = (0usize, 0usize);
         let mut deadline: Option<Instant> = None;
+        let mut next = self.carry.take();
         loop {
-            if weight >= self.size {
+            if let Some(item) = next.take() {
+                if !batch.is_empty() && bytes + item.bytes() > self.max_bytes {
+                    self.carry = Some(item);
+                    return Some(batch);
+                }
+                if deadline.is_none() {
+                    deadline = Some(item.enqueued_at() + self.linger);
+                }
+                weight += item.weight();
+                bytes += item.bytes();
+                batch.push(item);
+            }
+            if weight >= self.size || bytes >= self.max_bytes {
                 return Some(batch);
             }
             let item = tokio::select! {
@@ -73,13 +97,7 @@ impl<T: Batchable> Batcher<T> {
                 }
             };
             match item {
-                Some(item) => {
-                    if deadline.is_none() {
-                        deadline = Some(item.enqueued_at() + self.linger);
-                    }
-                    weight += item.weight();
-                    batch.push(item);
-                }
+                Some(item) => next = Some(item),
                 None if batch.is_empty() => return None,
                 None => return Some(batch),
             }
@@ -91,10 +109,14 @@ impl<T: Batchable> Batcher<T> {
 mod tests {
     use super::*;
 
+    /// Weight `.0`, enqueued at `.1`; 100 bytes per reading.
     struct Item(usize, Instant);
     impl Batchable for Item {
         fn weight(&self) -> usize {
             self.0
+        }
+        fn bytes(&self) -> usize {
+            self.0 * 100
         }
         fn enqueued_at(&self) -> Instant {
             self.1
@@ -106,7 +128,7 @@ mod tests {
         let close = CancellationToken::new();
         (
             tx,
-            Batcher::new(rx, 3, Duration::from_millis(20), close.clone()),
+            Batcher::new(rx, 3, 10_000, Duration::from_millis(20), close.clone()),
             close,
         )
     }
@@ -176,6 +198,30 @@ mod tests {
         assert_eq!(w, vec![2, 5]);
         let w: Vec<usize> = b.next_batch().await.unwrap().iter().map(|i| i.0).collect();
         assert_eq!(w, vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_cut_before_the_unit_that_would_pass_them() {
+        let (tx, rx) = mpsc::channel(10);
+        let mut b = Batcher::new(
+            rx,
+            100,
+            450,
+            Duration::from_millis(20),
+            CancellationToken::new(),
+        );
+        let start = Instant::now();
+        for w in [2, 2, 1, 9, 1] {
+            tx.send(Item(w, Instant::now())).await.unwrap();
+        }
+        let weights = |batch: Vec<Item>| batch.iter().map(|i| i.0).collect::<Vec<_>>();
+        // 200 + 200 = 400; the third (100) would make 500 > 450.
+        assert_eq!(weights(b.next_batch().await.unwrap()), vec![2, 2]);
+        assert_eq!(Instant::now(), start, "a batch cut by bytes does not wait");
+        assert_eq!(weights(b.next_batch().await.unwrap()), vec![1]);
+        // Larger than max_bytes on its own: a batch by itself.
+        assert_eq!(weights(b.next_batch().await.unwrap()), vec![9]);
+        assert_eq!(weights(b.next_batch().await.unwrap()), vec![1]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,21 +12,23 @@ use crate::reading::Reading;
 
 /// The columns, in encoding order. Identifiers are constants, never input.
 pub const COLUMNS: &str = "id, tenant_id, device_id, payload, payload_size_bytes, correlation_id, \
-     sequence_number, total_chunks, device_timestamp, received_at, ingestion_source, mqtt_topic, client_id";
+     sequence_number, total_chunks, device_timestamp, received_at, ingestion_source, mqtt_topic, client_id, \
+     content_sha256";
 
-const FIELDS: i16 = 13;
+const FIELDS: i16 = 14;
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// The `jsonb` binary format version byte.
 const JSONB_VERSION: u8 = 1;
 
-/// Encodes a complete binary COPY stream (header, rows, trailer).
-pub fn encode<'a>(rows: impl IntoIterator<Item = &'a Reading>) -> BytesMut {
+/// Encodes a complete binary COPY stream (header, rows, trailer) of readings with
+/// their [`Reading::content_sha256`].
+pub fn encode<'a>(rows: impl IntoIterator<Item = (&'a Reading, &'a [u8; 32])>) -> BytesMut {
     let mut out = BytesMut::with_capacity(8 * 1024);
     header(&mut out);
-    for r in rows {
-        row(&mut out, r);
+    for (r, digest) in rows {
+        row(&mut out, r, digest);
     }
     trailer(&mut out);
     out
@@ -42,8 +44,8 @@ pub fn trailer(out: &mut BytesMut) {
     out.put_i16(-1);
 }
 
-/// Appends one row.
-pub fn row(out: &mut BytesMut, r: &Reading) {
+/// Appends one row; `digest` is the reading's [`Reading::content_sha256`].
+pub fn row(out: &mut BytesMut, r: &Reading, digest: &[u8; 32]) {
     out.reserve(r.payload.len() + 256);
     out.put_i16(FIELDS);
     bytes_field(out, r.message_id.as_bytes());
@@ -62,6 +64,7 @@ pub fn row(out: &mut BytesMut, r: &Reading) {
     text(out, Some(r.source.as_str()));
     text(out, r.mqtt_topic.as_deref());
     text(out, r.client_id.as_deref());
+    bytes_field(out, digest);
 }
 
 fn len(out: &mut BytesMut, n: usize) {

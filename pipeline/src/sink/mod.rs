@@ -23,29 +23,43 @@
 //!   or — for a reading Postgres itself refuses (`unstorable`) — acknowledged by
 //!   the DLQ stream. Nothing is dropped.
 //! - Postgres or NATS down or slow: the same batch is retried with exponential
-//!   backoff and jitter (capped at [`SinkConfig::retry_max`]) forever; tickets
+//!   backoff and jitter (capped at [`SinkConfig::retry_max`]) until they are back
+//!   (an outage has no other cure, and nothing is acknowledged meanwhile); a batch
+//!   that runs out of time (`pg_timeout`, or SQLSTATE 57014) is split in halves
+//!   instead of being retried identically; tickets
 //!   stay pending, the bounded queue fills, and `enqueue` waits / `try_enqueue`
 //!   returns `Full`. [`SinkHandle::is_healthy`] is false meanwhile.
-//! - Idempotent by message id: a reading already stored makes no second row
-//!   (counted in [`Delivered::duplicates`]) and is published again with the same
-//!   `Nats-Msg-Id` (JetStream drops it inside its duplicate window). It is
-//!   republished because the earlier attempt may have crashed between the
-//!   commit and the publish. Past the window (2 min in the plan's stream
-//!   config) such a redelivery yields a second stream message with the same
-//!   `Nats-Msg-Id`; consumers that must be exact dedupe on `messageId`.
+//! - One id, one content. A reading already stored with the same content digest
+//!   (`telemetry_raw.content_sha256`, [`Reading::content_sha256`]) makes no second
+//!   row (counted in [`Delivered::duplicates`], listed in
+//!   [`Delivered::duplicate_ids`]) and is published again with the same
+//!   `Nats-Msg-Id` and the stored row's delivery context, so both stores hold one
+//!   content under one id even past JetStream's duplicate window. It is
+//!   republished because the earlier attempt may have crashed between the commit
+//!   and the publish. A reading under a stored id (or an id earlier in its batch)
+//!   with another digest is not stored: it goes to `telemetry.dlq.id_conflict` and
+//!   is listed in [`Delivered::conflicts`].
+//! - An envelope JetStream can never take (past the server's `max_payload` or the
+//!   stream's `max_msg_size`, decided from the error's kind) is not retried: its
+//!   row stays stored, the reading goes to `telemetry.dlq.oversize` and is listed in
+//!   [`Delivered::dead_lettered`].
 //! - A unit (e.g. an HTTP batch) is written in one transaction with its batch:
-//!   all of it or none of it. The one exception is a batch Postgres refuses for
+//!   all of it or none of it. The exceptions are a batch that runs out of time
+//!   (split, every part still stored) and a batch Postgres refuses for
 //!   a data reason (SQLSTATE class 22/23, or 54): it is split in halves until
 //!   the refused readings are isolated; the rest is stored, each refused
 //!   reading goes to `telemetry.dlq.unstorable`, and its id is listed in
 //!   [`Delivered::dead_lettered`].
 //!
-//! The queue bound counts readings held by the sink (queued, batching or being
-//! flushed), so memory is bounded by `queue_capacity × max payload`.
+//! The queue bounds count the readings held by the sink (queued, batching or being
+//! flushed) and their payload bytes, so memory is bounded by `queue_max_bytes`
+//! whatever the payload sizes.
 
 mod batcher;
 pub mod copy;
 mod flush;
+mod publish;
+mod store;
 mod unit;
 
 use std::sync::Arc;
@@ -56,8 +70,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use batcher::{Batchable, Batcher};
-pub use flush::FlushError;
-pub use unit::{Delivered, SinkConfig};
+pub use store::FlushError;
+pub use unit::{Delivered, IdConflict, SinkConfig};
 use unit::{Health, Unit};
 
 use crate::dlq::DlqPublisher;
@@ -125,6 +139,8 @@ pub struct SinkHandle {
     tx: mpsc::Sender<Unit>,
     permits: Arc<Semaphore>,
     capacity: usize,
+    bytes: Arc<Semaphore>,
+    capacity_bytes: usize,
     health: Arc<Health>,
     close: CancellationToken,
 }
@@ -143,6 +159,8 @@ impl Sink {
         js: async_nats::jetstream::Context,
     ) -> (SinkHandle, JoinHandle<()>) {
         let capacity = config.queue_capacity.max(1);
+        // Permits are acquired as u32.
+        let capacity_bytes = config.queue_max_bytes.clamp(1, u32::MAX as usize);
         // Every unit holds at least one permit, so the channel never fills
         // before the semaphore does.
         let (tx, rx) = mpsc::channel(capacity);
@@ -153,10 +171,18 @@ impl Sink {
             tx,
             permits: Arc::new(Semaphore::new(capacity)),
             capacity,
+            bytes: Arc::new(Semaphore::new(capacity_bytes)),
+            capacity_bytes,
             health: health.clone(),
             close: close.clone(),
         };
-        let batcher = Batcher::new(rx, config.batch_size, config.batch_linger, close);
+        let batcher = Batcher::new(
+            rx,
+            config.batch_size,
+            config.batch_max_bytes,
+            config.batch_linger,
+            close,
+        );
         let dlq = DlqPublisher::new(js.clone()).with_timeout(config.publish_timeout);
         let task = tokio::spawn(flush::run(config, batcher, pg, js, dlq, health));
         (handle, task)
@@ -167,12 +193,17 @@ impl SinkHandle {
     /// Queues a unit, waiting for capacity (backpressure). A unit of several
     /// readings is stored in one transaction. An empty unit resolves at once.
     pub async fn enqueue(&self, unit: Vec<Reading>) -> Result<Ticket, SinkClosed> {
-        let n = self.permits_for(&unit);
-        let permit = tokio::select! {
-            p = self.permits.clone().acquire_many_owned(n) => p.map_err(|_| SinkClosed)?,
+        let (n, bytes) = self.permits_for(&unit);
+        let permits = async {
+            let p = self.permits.clone().acquire_many_owned(n).await?;
+            let b = self.bytes.clone().acquire_many_owned(bytes).await?;
+            Ok::<_, tokio::sync::AcquireError>((p, b))
+        };
+        let permits = tokio::select! {
+            p = permits => p.map_err(|_| SinkClosed)?,
             () = self.close.cancelled() => return Err(SinkClosed),
         };
-        self.send(unit, permit).map_err(|e| match e {
+        self.send(unit, permits).map_err(|e| match e {
             TryEnqueueError::Full(_) | TryEnqueueError::Closed(_) => SinkClosed,
         })
     }
@@ -183,9 +214,14 @@ impl SinkHandle {
         if self.close.is_cancelled() {
             return Err(TryEnqueueError::Closed(unit));
         }
-        let n = self.permits_for(&unit);
-        match self.permits.clone().try_acquire_many_owned(n) {
-            Ok(permit) => self.send(unit, permit),
+        let (n, bytes) = self.permits_for(&unit);
+        let permits = self
+            .permits
+            .clone()
+            .try_acquire_many_owned(n)
+            .and_then(|p| Ok((p, self.bytes.clone().try_acquire_many_owned(bytes)?)));
+        match permits {
+            Ok(permits) => self.send(unit, permits),
             Err(tokio::sync::TryAcquireError::NoPermits) => Err(TryEnqueueError::Full(unit)),
             Err(tokio::sync::TryAcquireError::Closed) => Err(TryEnqueueError::Closed(unit)),
         }
@@ -221,16 +257,25 @@ impl SinkHandle {
         self.capacity
     }
 
-    fn permits_for(&self, unit: &[Reading]) -> u32 {
-        // A unit larger than the whole queue takes the whole queue, rather than
-        // waiting forever.
-        u32::try_from(unit.len().clamp(1, self.capacity)).unwrap_or(u32::MAX)
+    /// Payload bytes the sink holds now.
+    pub fn queued_bytes(&self) -> usize {
+        self.capacity_bytes
+            .saturating_sub(self.bytes.available_permits())
+    }
+
+    /// `(readings, bytes)` permits for `unit`. A unit larger than the whole queue
+    /// takes the whole queue, rather than waiting forever.
+    fn permits_for(&self, unit: &[Reading]) -> (u32, u32) {
+        let bytes: usize = unit.iter().map(|r| r.payload.len()).sum();
+        let n = u32::try_from(unit.len().clamp(1, self.capacity)).unwrap_or(u32::MAX);
+        let b = u32::try_from(bytes.clamp(1, self.capacity_bytes)).unwrap_or(u32::MAX);
+        (n, b)
     }
 
     fn send(
         &self,
         unit: Vec<Reading>,
-        permit: OwnedSemaphorePermit,
+        (permit, bytes_permit): (OwnedSemaphorePermit, OwnedSemaphorePermit),
     ) -> Result<Ticket, TryEnqueueError> {
         let (done, rx) = oneshot::channel();
         if unit.is_empty() {
@@ -239,10 +284,13 @@ impl SinkHandle {
         }
         let n = unit.len();
         let source = unit[0].source;
+        let bytes: usize = unit.iter().map(|r| r.payload.len()).sum();
         let unit = Unit {
             readings: unit,
             done,
             _permit: permit,
+            _bytes_permit: bytes_permit,
+            bytes,
             enqueued_at: Instant::now(),
         };
         // Capacity is guaranteed by the permit; an error means the sink is closed.
@@ -250,6 +298,7 @@ impl SinkHandle {
             Ok(()) => {
                 metrics::sink_enqueued(source, n);
                 metrics::sink_queued(n as f64);
+                metrics::sink_queued_bytes(bytes as f64);
                 Ok(Ticket { rx })
             }
             Err(mpsc::error::TrySendError::Closed(u) | mpsc::error::TrySendError::Full(u)) => {

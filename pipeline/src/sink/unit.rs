@@ -19,12 +19,19 @@ use crate::reading::Reading;
 pub struct SinkConfig {
     /// Flush when this many readings are pending. Default 500.
     pub batch_size: usize,
+    /// Flush before the pending payload bytes would pass this; a unit larger than
+    /// it is a batch by itself. Default 8 MiB, so one batch is written well within
+    /// `pg_timeout` (a statement timeout splits a batch anyway).
+    pub batch_max_bytes: usize,
     /// Flush when the oldest pending reading has waited this long. Default 20 ms.
     pub batch_linger: Duration,
     /// Readings the sink may hold (queued + batching + flushing) before
     /// `enqueue` waits and `try_enqueue` returns `Full`. Default 10 000.
     /// Size it from the broker inflight window × connections.
     pub queue_capacity: usize,
+    /// Payload bytes the sink may hold, the same way. Default 64 MiB. With
+    /// `queue_capacity` this bounds the sink's memory whatever the payload sizes.
+    pub queue_max_bytes: usize,
     /// First retry delay after a failed flush attempt. Default 100 ms.
     pub retry_initial: Duration,
     /// Retry delay cap. Default 5 s.
@@ -39,8 +46,10 @@ impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
             batch_size: 500,
+            batch_max_bytes: 8 * 1024 * 1024,
             batch_linger: Duration::from_millis(20),
             queue_capacity: 10_000,
+            queue_max_bytes: 64 * 1024 * 1024,
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             pg_timeout: Duration::from_secs(30),
@@ -57,23 +66,51 @@ pub struct Delivered {
     /// Readings that were already stored (a redelivery), or a second copy of
     /// the same message in the same batch. No second row was written.
     pub duplicates: usize,
-    /// Message ids of readings Postgres refused, now in `telemetry.dlq.unstorable`.
+    /// Message ids of readings Postgres refused, now in `telemetry.dlq.unstorable`,
+    /// or that JetStream can never take (the envelope is past the server's
+    /// `max_payload`), now in `telemetry.dlq.oversize` with their row stored.
     /// Empty in practice; the HTTP sidecar may report them per reading.
     pub dead_lettered: Vec<Uuid>,
+    /// Message ids of the readings counted in `duplicates`: already stored with
+    /// the same content (and republished from the stored row).
+    pub duplicate_ids: Vec<Uuid>,
+    /// Readings whose id was already stored with different content: not stored,
+    /// dead-lettered as `id_conflict` (see [`IdConflict`]).
+    pub conflicts: Vec<IdConflict>,
+}
+
+/// A reading that arrived under an id already stored with a different content
+/// digest. It is not a duplicate: the stored row stays, the new reading goes to
+/// `telemetry.dlq.id_conflict`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdConflict {
+    /// The message id, which is the stored row's `telemetry_raw.id`.
+    pub id: Uuid,
+    /// Hex SHA-256 of the stored row's content (`telemetry_raw.content_sha256`).
+    pub stored_sha256: String,
+    /// Hex SHA-256 of the refused reading's content.
+    pub sha256: String,
 }
 
 /// One enqueued unit travelling through the sink.
 pub(super) struct Unit {
     pub(super) readings: Vec<Reading>,
     pub(super) done: oneshot::Sender<Delivered>,
-    /// Held until the unit resolves: the queue bound counts in-flight readings.
+    /// Held until the unit resolves: the queue bounds count in-flight readings
+    /// and their payload bytes.
     pub(super) _permit: OwnedSemaphorePermit,
+    pub(super) _bytes_permit: OwnedSemaphorePermit,
+    /// Payload bytes of `readings`.
+    pub(super) bytes: usize,
     pub(super) enqueued_at: Instant,
 }
 
 impl Batchable for Unit {
     fn weight(&self) -> usize {
         self.readings.len()
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
     }
     fn enqueued_at(&self) -> Instant {
         self.enqueued_at

@@ -2,8 +2,8 @@
 //!
 //! [`Cli`] is what clap parses; [`Cli::into_config`] checks it and returns a
 //! [`Config`] whose fields are already typed (durations, socket addresses, the
-//! broker address split into scheme, host and port). Validation errors name the
-//! flag, never panic.
+//! broker address split into scheme, host and port, in [`url`]). Validation
+//! errors name the flag, never panic.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use argus_pipeline::flags::{BatchArgs, FlagEnv, NatsArgs, PgArgs, RedisArgs, ShutdownArgs};
 use clap::{Parser, ValueEnum};
+
+mod url;
+pub use url::{parse_mqtt_url, MqttAddr, MqttScheme};
 
 pub use argus_pipeline::flags::{parse_duration, ConfigError};
 
@@ -25,6 +28,8 @@ impl FlagEnv for BridgeEnv {
     const BATCH_SIZE_DEFAULT: &'static str = "500";
     const BATCH_LINGER: &'static str = "ARGUS_BRIDGE_BATCH_LINGER";
     const BATCH_LINGER_DEFAULT: &'static str = "20ms";
+    const BATCH_MAX_BYTES: &'static str = "ARGUS_BRIDGE_BATCH_MAX_BYTES";
+    const BATCH_MAX_BYTES_DEFAULT: &'static str = "8388608";
     const SHUTDOWN_TIMEOUT: &'static str = "ARGUS_BRIDGE_SHUTDOWN_TIMEOUT";
     const SHUTDOWN_TIMEOUT_DEFAULT: &'static str = "10s";
 }
@@ -95,6 +100,30 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_BRIDGE_MAX_INFLIGHT", default_value_t = 1000)]
     pub max_inflight: usize,
 
+    /// Most messages one connection's intake (poll task to worker) may hold. Past it, or past
+    /// `--intake-max-bytes`, a QoS 0 message is shed (counted in `argus_bridge_shed_total`) and a
+    /// QoS 1 message drops the connection, so the broker keeps it and redelivers it.
+    #[arg(
+        long,
+        env = "ARGUS_BRIDGE_INTAKE_MAX_MESSAGES",
+        default_value_t = 10_000
+    )]
+    pub intake_max_messages: usize,
+
+    /// Most topic and payload bytes one connection's intake may hold (see
+    /// `--intake-max-messages`). The process holds at most `--connections` times this.
+    #[arg(long, env = "ARGUS_BRIDGE_INTAKE_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub intake_max_bytes: usize,
+
+    /// `/ready` answers 503 (check `delivery`) while a message has waited longer than this
+    /// without being acknowledged, e.g. `60s`: delivery is stuck.
+    #[arg(
+        long,
+        env = "ARGUS_BRIDGE_READY_MAX_UNACKED_AGE",
+        default_value = "60s"
+    )]
+    pub ready_max_unacked_age: String,
+
     /// MQTT keep-alive interval, e.g. `30s`.
     #[arg(long, env = "ARGUS_BRIDGE_KEEP_ALIVE", default_value = "30s")]
     pub keep_alive: String,
@@ -144,21 +173,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Transport security towards the broker.
+/// How much one connection's intake may hold (`--intake-max-messages`,
+/// `--intake-max-bytes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MqttScheme {
-    /// `mqtt://`: plain TCP (tests, never production).
-    Plain,
-    /// `mqtts://`: TLS, with a client certificate when one is configured.
-    Tls,
-}
-
-/// The broker address, split.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MqttAddr {
-    pub scheme: MqttScheme,
-    pub host: String,
-    pub port: u16,
+pub struct IntakeLimits {
+    pub max_messages: usize,
+    /// Topic plus payload bytes of the queued publishes.
+    pub max_bytes: usize,
 }
 
 /// The client certificate and key files (mutual TLS).
@@ -197,6 +218,7 @@ pub struct MqttConfig {
     pub share_group: String,
     pub topic_filter: String,
     pub max_inflight: usize,
+    pub intake: IntakeLimits,
     pub keep_alive: Duration,
     pub reconnect_max: Duration,
 }
@@ -223,8 +245,11 @@ pub struct Config {
     pub redis_url: Option<String>,
     pub batch_size: usize,
     pub batch_linger: Duration,
+    pub batch_max_bytes: usize,
     pub max_payload_bytes: usize,
     pub metrics_addr: SocketAddr,
+    /// `/ready` fails past this age of the oldest unacknowledged message.
+    pub ready_max_unacked_age: Duration,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     /// `--replica auto`: lease a slot below this many at start-up; `mqtt.replica` is
@@ -286,6 +311,17 @@ impl Cli {
         if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
             return Err(invalid("max-inflight", "must be between 1 and 65535"));
         }
+        if self.intake_max_messages == 0 {
+            return Err(invalid("intake-max-messages", "must be at least 1"));
+        }
+        if self.intake_max_bytes == 0 {
+            return Err(invalid("intake-max-bytes", "must be at least 1"));
+        }
+        let ready_max_unacked_age = parse_duration(&self.ready_max_unacked_age)
+            .map_err(|r| invalid("ready-max-unacked-age", r))?;
+        if ready_max_unacked_age < Duration::from_secs(1) {
+            return Err(invalid("ready-max-unacked-age", "must be at least 1s"));
+        }
         let keep_alive = parse_duration(&self.keep_alive).map_err(|r| invalid("keep-alive", r))?;
         if keep_alive < Duration::from_secs(1) {
             return Err(invalid("keep-alive", "must be at least 1s"));
@@ -294,10 +330,12 @@ impl Cli {
             parse_duration(&self.reconnect_max).map_err(|r| invalid("reconnect-max", r))?;
         self.pg.validate()?;
         let nats_urls = self.nats.validate()?;
-        let (batch_size, batch_linger) = self.batch.validate()?;
         if self.max_payload_bytes == 0 {
             return Err(invalid("max-payload-bytes", "must be at least 1"));
         }
+        let batching = self
+            .batch
+            .validate(self.max_payload_bytes, "--max-payload-bytes")?;
         let (replica, replica_auto) = match self.replica.trim() {
             "auto" => {
                 if self.max_replicas == 0 {
@@ -326,6 +364,10 @@ impl Cli {
                 share_group: self.share_group,
                 topic_filter: self.topic_filter,
                 max_inflight: self.max_inflight,
+                intake: IntakeLimits {
+                    max_messages: self.intake_max_messages,
+                    max_bytes: self.intake_max_bytes,
+                },
                 keep_alive,
                 reconnect_max,
             },
@@ -333,68 +375,17 @@ impl Cli {
             pg_pool_size: self.pg.pg_pool_size,
             nats_urls,
             redis_url: self.redis.url(),
-            batch_size,
-            batch_linger,
+            batch_size: batching.size,
+            batch_linger: batching.linger,
+            batch_max_bytes: batching.max_bytes,
             max_payload_bytes: self.max_payload_bytes,
             metrics_addr,
+            ready_max_unacked_age,
             shutdown_timeout,
             log_format: self.log_format,
             replica_auto,
         })
     }
-}
-
-/// Parses `mqtts://host:port` or `mqtt://host:port` (default ports 8883 and 1883).
-pub fn parse_mqtt_url(url: &str) -> Result<MqttAddr, String> {
-    let (scheme, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-        (MqttScheme::Tls, rest)
-    } else if let Some(rest) = url.strip_prefix("mqtt://") {
-        (MqttScheme::Plain, rest)
-    } else {
-        return Err(format!(
-            "{url:?} must start with mqtts:// (TLS) or mqtt:// (plain)"
-        ));
-    };
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains(['/', '@', '?']) {
-        return Err(format!("{url:?} must be scheme://host[:port]"));
-    }
-    let default_port = match scheme {
-        MqttScheme::Tls => 8883,
-        MqttScheme::Plain => 1883,
-    };
-    // `[::1]:8883`, `host:8883` or `host`.
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{url:?}: unclosed '['"))?;
-        match after.strip_prefix(':') {
-            Some(p) => (host, Some(p)),
-            None if after.is_empty() => (host, None),
-            None => return Err(format!("{url:?}: unexpected {after:?} after the host")),
-        }
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (rest, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{url:?} has no host"));
-    }
-    let port = match port {
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{url:?}: port {p:?} is not a port number"))?,
-        None => default_port,
-    };
-    Ok(MqttAddr {
-        scheme,
-        host: host.to_owned(),
-        port,
-    })
 }
 
 #[cfg(test)]
@@ -436,6 +427,17 @@ mod tests {
         assert_eq!(c.batch_linger, Duration::from_millis(20));
         assert_eq!(c.max_payload_bytes, 262_144);
         assert_eq!(c.metrics_addr.port(), 9101);
+        assert_eq!(c.mqtt.intake.max_bytes, 16 << 20);
+        assert_eq!(c.ready_max_unacked_age, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn client_ids_fit_the_envelope_bound() {
+        // `argus_pipeline::limits` sizes the largest envelope with a client id of
+        // at most MAX_CLIENT_ID_LEN bytes; ours are `bridge-<u32>-<u16>`.
+        let mut c = parse(&[]).expect("valid");
+        c.mqtt.replica = u32::MAX;
+        assert!(c.mqtt.client_id(u16::MAX).len() <= argus_pipeline::limits::MAX_CLIENT_ID_LEN);
     }
 
     #[test]
@@ -457,6 +459,10 @@ mod tests {
         assert_eq!(e.flag, "share-group");
         let e = parse(&["--replica", "first"]).unwrap_err();
         assert_eq!(e.flag, "replica");
+        let e = parse(&["--intake-max-bytes", "0"]).unwrap_err();
+        assert_eq!(e.flag, "intake-max-bytes");
+        let e = parse(&["--ready-max-unacked-age", "0s"]).unwrap_err();
+        assert_eq!(e.flag, "ready-max-unacked-age");
     }
 
     #[test]
@@ -465,23 +471,5 @@ mod tests {
         assert_eq!(c.replica_auto, Some(3));
         let c = parse(&["--replica", "5"]).expect("ok");
         assert_eq!((c.mqtt.replica, c.replica_auto), (5, None));
-    }
-
-    #[test]
-    fn urls() {
-        let a = parse_mqtt_url("mqtts://broker.example:17883").expect("ok");
-        assert_eq!(
-            a,
-            MqttAddr {
-                scheme: MqttScheme::Tls,
-                host: "broker.example".into(),
-                port: 17883
-            }
-        );
-        assert_eq!(parse_mqtt_url("mqtt://h").expect("ok").port, 1883);
-        assert_eq!(parse_mqtt_url("mqtts://[::1]:9").expect("ok").host, "::1");
-        assert!(parse_mqtt_url("mqtts://h:0").is_err());
-        assert!(parse_mqtt_url("mqtts://").is_err());
-        // `parse_duration` is tested with the flag blocks (`argus_pipeline::flags`).
     }
 }
