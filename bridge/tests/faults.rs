@@ -68,6 +68,80 @@ async fn postgres_stopped_then_restarted_mid_stream() {
     bridge.task.await.unwrap().unwrap();
 }
 
+/// `--replica auto`, as docker-compose runs it, across a Postgres restart: the
+/// replica stays up, takes its own slot again (a replica started afterwards gets
+/// the other one), and every message is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_replica_auto_keeps_the_replica_and_its_slot() {
+    let mut stack = Stack::start(true).await;
+    stack.pki.bridge(1);
+    let bridges = stack.pki.dir.path().join("bridges");
+    let cert = bridges.join("bridge-{replica}-{connection}.crt");
+    let key = bridges.join("bridge-{replica}-{connection}.key");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let auto = [
+        "--replica",
+        "auto",
+        "--max-replicas",
+        "2",
+        "--mqtt-cert-file",
+        cert,
+        "--mqtt-key-file",
+        key,
+    ];
+    let port = argus_testkit::free_port();
+    let mut first = stack.bridge_process_with(0, port, &auto).await;
+    let publisher = Arc::new(stack.device(DEMO_DEVICE_ID));
+    let total = 2000;
+    let (expected, task) = publish_in_background(publisher.clone(), "lease", 0..total);
+
+    wait_rows_at_least(&stack, 200, Duration::from_secs(30)).await;
+    stack.pg.server().stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.pg.server().restart().await;
+
+    task.await.unwrap();
+    publisher.wait_acked(total, Duration::from_secs(60)).await;
+    wait_stored(&stack, total, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once(&stack, &expected).await;
+
+    // Still running, and holding its slot again.
+    assert!(
+        first.child.try_wait().unwrap().is_none(),
+        "the replica exited"
+    );
+    wait_for(
+        "the lease to be held again",
+        Duration::from_secs(30),
+        || metric_sum(&first.metrics(), "argus_bridge_lease_held") == 1.0,
+    )
+    .await;
+    let log =
+        std::fs::read_to_string(stack.pki.dir.path().join(format!("bridge-0-{port}.log"))).unwrap();
+    assert!(
+        log.contains("Took the replica slot again. slot=0"),
+        "no re-take of slot 0 in the log:\n{log}"
+    );
+    // The slot is its own, not shared: a second replica leases slot 1 and connects.
+    let second_port = argus_testkit::free_port();
+    let second = stack.bridge_process_with(1, second_port, &auto).await;
+    let log = std::fs::read_to_string(
+        stack
+            .pki
+            .dir
+            .path()
+            .join(format!("bridge-1-{second_port}.log")),
+    )
+    .unwrap();
+    assert!(log.contains("Leased replica slot. slot=1"), "{log}");
+    assert!(
+        first.child.try_wait().unwrap().is_none(),
+        "the first replica exited"
+    );
+    drop(second);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_stopped_then_restarted_mid_stream() {
     let mut stack = Stack::start(false).await;

@@ -201,7 +201,7 @@ async fn keys_never_appear_in_responses_or_logs() {
 
     let s = Stack::start().await;
     let (key_id, key) = create_key(&s.http, &s.app, DEVICE).await;
-    let secret = key.rsplit('_').next().unwrap().to_string();
+    let secret = api_key_secret(&key).to_string();
     let mut bodies = Vec::new();
     let mismatched = reading(OTHER_DEVICE, 1.0);
     let invalid = json!({"deviceId": DEVICE, "metrics": {"t": {}}});

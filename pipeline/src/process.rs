@@ -3,12 +3,15 @@
 
 /// Logs to stderr at the level `RUST_LOG` gives (default `info`): human-readable
 /// lines, or with `json` one JSON object per line, the event's fields at the top level.
+/// Colours only on a terminal: a log file or a collector gets plain text.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().flatten_event(true).init();
     } else {

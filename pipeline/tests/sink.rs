@@ -516,6 +516,62 @@ async fn unstorable_reading_goes_to_the_dlq_and_the_rest_is_stored() {
     task.await.unwrap();
 }
 
+/// A permanent publish error ends: a reading whose envelope the stream refuses
+/// (past its `max_msg_size`: JetStream error 10054) is stored, dead-lettered as
+/// `oversize`, and its ticket resolves; the readings around it are published. Before,
+/// the publish was retried forever and the unit never resolved.
+#[tokio::test]
+async fn an_envelope_jetstream_refuses_for_good_is_dead_lettered_and_the_rest_flows() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (_client, js) = jetstream_for(&nats).await;
+    let raw = js.get_stream(RAW_STREAM).await.unwrap();
+    let mut stream_config = raw.cached_info().config.clone();
+    stream_config.max_message_size = 4096;
+    js.update_stream(stream_config).await.unwrap();
+    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+
+    let mut rs = readings(6, "big");
+    let pad = "x".repeat(5000);
+    let big = reading(SENSOR_IDS[1], &format!(r#"{{"pad":"{pad}"}}"#));
+    rs.insert(3, big.clone());
+    let tickets = enqueue_each(&sink, &rs).await;
+    let results = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(tickets))
+        .await
+        .expect("every ticket resolves: no retry loop on a permanent error");
+    let dead: Vec<Uuid> = results
+        .into_iter()
+        .flat_map(|r| r.unwrap().dead_lettered)
+        .collect();
+    assert_eq!(dead, vec![big.message_id]);
+
+    assert_eq!(
+        row_count(db.url()).await,
+        7,
+        "the refused reading's row stays stored"
+    );
+    let published = stream_messages(&js, RAW_STREAM).await;
+    assert_eq!(published.len(), 6);
+    assert!(published
+        .iter()
+        .all(|m| msg_id(m) != big.message_id.to_string()));
+    let letters = stream_messages(&js, DLQ_STREAM).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].subject.as_str(), "telemetry.dlq.oversize");
+    let v: serde_json::Value = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(v["messageId"], big.message_id.to_string());
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("stored in telemetry_raw"),
+        "{v}"
+    );
+    sink.close();
+    task.await.unwrap();
+}
+
 /// Enqueues `n` readings in a steady trickle and returns their tickets.
 async fn trickle(sink: &SinkHandle, rs: &[Reading], every: Duration) -> Vec<Ticket> {
     let mut tickets = Vec::new();
