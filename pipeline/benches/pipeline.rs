@@ -1,5 +1,5 @@
 //! Hot code of the pipeline: topic parsing, payload checks, message-id
-//! hashing, envelope encoding and COPY row encoding. Run with
+//! hashing, envelope encoding, the content digest and COPY row encoding. Run with
 //! `cargo bench -p argus-pipeline --bench pipeline`.
 
 use std::hint::black_box;
@@ -61,6 +61,11 @@ fn benches(c: &mut Criterion) {
             out.clear();
             envelope::encode_into(black_box(&r), &mut out);
         })
+    });
+
+    // Once per unique id of a batch, stored with the row (`telemetry_raw.content_sha256`).
+    c.bench_function("Reading::content_sha256", |b| {
+        b.iter(|| black_box(&r).content_sha256())
     });
 
     let batch: Vec<(Reading, [u8; 32])> = (0..500)

@@ -201,12 +201,40 @@ impl<'de> Deserialize<'de> for KeyName<'de> {
 /// Parsers disagree on which copy wins (Postgres `jsonb` keeps the last, others the
 /// first), and a check that reads one copy while the store keeps the other can be
 /// bypassed (`{"sequenceNumber":"\u0000","sequenceNumber":1}`).
-#[derive(Default)]
-struct SeenKeys<'de>(HashSet<Cow<'de, str>>);
+///
+/// A telemetry object has a handful of keys: up to [`SeenKeys::FEW`] are compared
+/// in a list (no hashing; callgrind counted the hash set at a third of a whole
+/// `check`), past that in a hash set, so an object of many keys stays linear.
+enum SeenKeys<'de> {
+    Few(Vec<Cow<'de, str>>),
+    Many(HashSet<Cow<'de, str>>),
+}
+
+impl Default for SeenKeys<'_> {
+    fn default() -> Self {
+        SeenKeys::Few(Vec::new())
+    }
+}
 
 impl<'de> SeenKeys<'de> {
+    const FEW: usize = 16;
+
     fn insert<E: de::Error>(&mut self, key: KeyName<'de>) -> Result<(), E> {
-        if self.0.insert(key.0) {
+        let new = match self {
+            SeenKeys::Few(keys) if keys.contains(&key.0) => false,
+            SeenKeys::Few(keys) if keys.len() < Self::FEW => {
+                keys.push(key.0);
+                true
+            }
+            SeenKeys::Few(keys) => {
+                let mut set: HashSet<_> = keys.drain(..).collect();
+                set.insert(key.0);
+                *self = SeenKeys::Many(set);
+                true
+            }
+            SeenKeys::Many(set) => set.insert(key.0),
+        };
+        if new {
             Ok(())
         } else {
             Err(E::custom("duplicate object key"))

@@ -427,6 +427,18 @@ mod tests {
             assert_eq!(r.reason, DlqReason::InvalidJson, "{payload:?}");
             assert!(r.detail.contains("duplicate object key"), "{}", r.detail);
         }
+        // In an object of many keys (past the short list, in the hash set), a
+        // repeat of an early and of a late key; and the same keys without one.
+        let many = |repeat: Option<usize>| {
+            let mut keys: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+            keys.extend(repeat.map(|i| format!(r#""k{i}":0"#)));
+            format!("{{{}}}", keys.join(","))
+        };
+        for repeat in [3, 30] {
+            let r = check(&topic(), many(Some(repeat)).as_bytes(), &Limits::default());
+            assert!(r.unwrap_err().detail.contains("duplicate object key"));
+        }
+        assert!(check(&topic(), many(None).as_bytes(), &Limits::default()).is_ok());
         // The same key in sibling objects is not a repeat.
         assert!(check(
             &topic(),
