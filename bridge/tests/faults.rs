@@ -44,15 +44,14 @@ async fn wait_rows_at_least(stack: &Stack, n: i64, timeout: Duration) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_stopped_then_restarted_mid_stream() {
-    let mut stack = Stack::start(true).await;
-    let bridge = stack.bridge_in_process(0).await;
+/// 2,000 messages from the demo device while Postgres is stopped for 2 s and
+/// restarted; every one ends stored and published exactly once.
+async fn stream_across_a_postgres_restart(stack: &mut Stack, run: &'static str) {
     let publisher = Arc::new(stack.device(DEMO_DEVICE_ID));
     let total = 2000;
-    let (expected, task) = publish_in_background(publisher.clone(), "pg", 0..total);
+    let (expected, task) = publish_in_background(publisher.clone(), run, 0..total);
 
-    wait_rows_at_least(&stack, 200, Duration::from_secs(30)).await;
+    wait_rows_at_least(stack, 200, Duration::from_secs(30)).await;
     stack.pg.server().stop().await;
     // The stream goes on into the broker while Postgres is away; the bridge
     // acknowledges nothing it could not store.
@@ -61,9 +60,16 @@ async fn postgres_stopped_then_restarted_mid_stream() {
 
     task.await.unwrap();
     publisher.wait_acked(total, Duration::from_secs(60)).await;
-    wait_stored(&stack, total, Duration::from_secs(60)).await;
+    wait_stored(stack, total, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_exactly_once(&stack, &expected).await;
+    assert_exactly_once(stack, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_then_restarted_mid_stream() {
+    let mut stack = Stack::start(true).await;
+    let bridge = stack.bridge_in_process(0).await;
+    stream_across_a_postgres_restart(&mut stack, "pg").await;
     bridge.shutdown.cancel();
     bridge.task.await.unwrap().unwrap();
 }
@@ -91,20 +97,7 @@ async fn postgres_restarted_under_replica_auto_keeps_the_replica_and_its_slot() 
     ];
     let port = argus_testkit::free_port();
     let mut first = stack.bridge_process_with(0, port, &auto).await;
-    let publisher = Arc::new(stack.device(DEMO_DEVICE_ID));
-    let total = 2000;
-    let (expected, task) = publish_in_background(publisher.clone(), "lease", 0..total);
-
-    wait_rows_at_least(&stack, 200, Duration::from_secs(30)).await;
-    stack.pg.server().stop().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stack.pg.server().restart().await;
-
-    task.await.unwrap();
-    publisher.wait_acked(total, Duration::from_secs(60)).await;
-    wait_stored(&stack, total, Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_exactly_once(&stack, &expected).await;
+    stream_across_a_postgres_restart(&mut stack, "lease").await;
 
     // Still running, and holding its slot again.
     assert!(
