@@ -16,6 +16,7 @@ use super::ack::{acker, bump_epoch, Epoch, Pending};
 use super::handler::Handler;
 use super::intake::{release_in_flight, Intake, Pushed, Received};
 use super::options::request_capacity;
+use super::reconnect::{Reconnect, Retry};
 use super::unacked::Unacked;
 use super::worker::worker;
 use crate::config::MqttConfig;
@@ -61,7 +62,7 @@ pub async fn run_connection<H: Handler>(
         drained.clone(),
     ));
 
-    let mut backoff = Backoff::new(cfg.reconnect_max);
+    let mut reconnect = Reconnect::new(cfg.reconnect_max);
     let mut up = false;
     let mut subscribed = false;
     let mut current_epoch: u64 = epoch.get();
@@ -85,7 +86,7 @@ pub async fn run_connection<H: Handler>(
 
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                backoff.reset();
+                reconnect.connected(Instant::now());
                 if !up {
                     up = true;
                     metrics::mqtt_connected(conn, true);
@@ -195,9 +196,13 @@ pub async fn run_connection<H: Handler>(
                 if shutdown.is_cancelled() || matches!(e, ConnectionError::RequestsDone) {
                     break;
                 }
-                metrics::reconnected();
-                let delay = backoff.next_delay();
-                warn!(client_id = %client_id, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost or refused; reconnecting.");
+                let Retry { delay, reported } = reconnect.failed(Instant::now());
+                if reported {
+                    metrics::reconnected();
+                    warn!(client_id = %client_id, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost or refused; reconnecting.");
+                } else {
+                    debug!(client_id = %client_id, error = %e, "Broker not back yet; trying again.");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => {}

@@ -2,9 +2,10 @@
 //! each with in-order, durable-only PUBACKs.
 //!
 //! Files: [`handler`] (what a message is handed to), [`tls`] and [`options`]
-//! (how a connection is set up), [`connection`] (the poll loop), [`intake`] (poll
-//! task to worker), [`worker`] (admits in order), [`ack`] (in-order PUBACKs),
-//! [`unacked`] (the age of the oldest unacknowledged message, for `/ready`).
+//! (how a connection is set up), [`connection`] (the poll loop),
+//! [`reconnect`] (when to connect again), [`intake`] (poll task to worker),
+//! [`worker`] (admits in order), [`ack`] (in-order PUBACKs), [`unacked`] (the
+//! age of the oldest unacknowledged message, for `/ready`).
 //!
 //! ## One connection, three tasks
 //!
@@ -61,6 +62,7 @@ pub mod connection;
 pub mod handler;
 mod intake;
 pub mod options;
+mod reconnect;
 pub mod tls;
 pub mod unacked;
 mod worker;
