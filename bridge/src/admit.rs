@@ -2,9 +2,14 @@
 //! sink, in receive order per connection.
 //!
 //! ```text
-//! Message ──> reading::check ──> Registry (device -> tenant) ──> SinkHandle::enqueue ──> Durable
-//!                  '── reject ───────────'── unknown / not active ──> DlqPublisher ──> Durable
+//! Message ──> properties ──> reading::check ──> chunk fields ──> Registry (device -> tenant) ──> SinkHandle::enqueue ──> Durable
+//!                '── reject ──────'── reject ────────'── reject ───────'── unknown / not active ──> DlqPublisher ──> Durable
 //! ```
+//!
+//! An MQTT 5 message's publish properties are checked first (bounds, what
+//! `jsonb` can store: `invalid_properties`), then the payload; chunk fields sent
+//! as user properties fill in the payload's (a disagreement is `chunk_conflict`),
+//! and the properties are stored with the reading (`argus_pipeline::properties`).
 //!
 //! [`Admit::admit`] returns once the message has a place in the sink (it waits
 //! while the sink is full: backpressure) or its dead letter is on its way; the
@@ -15,7 +20,8 @@ use std::time::Duration;
 
 use argus_pipeline::backoff::Backoff;
 use argus_pipeline::dlq::{DeadLetter, DlqPublisher};
-use argus_pipeline::reading::{self, Limits, Reading, Reject, Source};
+use argus_pipeline::properties::PropertyLimits;
+use argus_pipeline::reading::{self, DlqReason, Limits, Reading, Reject, Source};
 use argus_pipeline::registry::{DeviceInfo, Registry};
 use argus_pipeline::sink::SinkHandle;
 use futures::FutureExt as _;
@@ -30,6 +36,8 @@ pub struct Admit {
     pub registry: Registry,
     pub dlq: DlqPublisher,
     pub limits: Limits,
+    /// Bounds of an MQTT 5 message's properties.
+    pub property_limits: PropertyLimits,
 }
 
 impl Admit {
@@ -42,13 +50,21 @@ impl Admit {
     /// stall the connection forever.
     fn dead_letter(&self, reject: Reject, msg: Message) -> Durable {
         metrics::rejected(reject.reason);
-        let letter = DeadLetter::new(
+        // Properties within their bounds go with the letter; past them the
+        // detail says why, and the letter stays small.
+        let properties = msg
+            .properties
+            .as_deref()
+            .filter(|_| reject.reason != DlqReason::InvalidProperties)
+            .and_then(|p| serde_json::from_slice(&p.to_json()).ok());
+        let mut letter = DeadLetter::new(
             reject,
             Some(msg.topic),
             Some(msg.client_id.to_string()),
             msg.received_at,
             msg.payload,
         );
+        letter.properties = properties;
         let dlq = self.dlq.clone();
         let task = tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_secs(5));
@@ -67,10 +83,20 @@ impl Admit {
 
 impl Handler for Admit {
     async fn admit(&self, msg: Message) -> Durable {
-        let checked = match reading::check(&msg.topic, &msg.payload, &self.limits) {
+        if let Some(p) = msg.properties.as_deref() {
+            if let Err(reject) = p.check(&self.property_limits) {
+                return self.dead_letter(reject, msg);
+            }
+        }
+        let mut checked = match reading::check(&msg.topic, &msg.payload, &self.limits) {
             Ok(c) => c,
             Err(reject) => return self.dead_letter(reject, msg),
         };
+        if let Some(p) = msg.properties.as_deref() {
+            if let Err(reject) = p.merge_chunk_fields(&mut checked.fields) {
+                return self.dead_letter(reject.with_device(checked.device_id), msg);
+            }
+        }
         // The registry retries nothing itself: while Postgres is unreachable
         // (and the device is in no cache) wait here, which backs up this
         // connection and, through the broker's inflight window, the broker.
@@ -125,7 +151,8 @@ pub fn route(checked: reading::Checked, device: Option<&DeviceInfo>, msg: Messag
         }
         Some(d) => d.tenant_id,
     };
-    Routed::Store(Reading::from_checked(
+    let properties = msg.properties.as_deref().map(|p| p.to_json());
+    let mut reading = Reading::from_checked(
         checked,
         tenant_id,
         msg.payload,
@@ -133,5 +160,7 @@ pub fn route(checked: reading::Checked, device: Option<&DeviceInfo>, msg: Messag
         Source::Mqtt,
         Some(msg.topic),
         Some(msg.client_id.to_string()),
-    ))
+    );
+    reading.properties = properties;
+    Routed::Store(reading)
 }

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admit::Admit;
-use crate::config::Config;
+use crate::config::{Config, MqttVersion};
 use crate::server::{self, Check, ServerState, Status};
 use crate::source;
 
@@ -87,9 +87,15 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     // The largest envelope and dead letter must fit the server's max_payload.
     // NATS down at start-up: the check assumes NATS's default (1 MiB) and says so;
     // a smaller server limit then shows per message (`docs/bridge.md`).
+    // With MQTT 5 an envelope may also carry the message's properties.
+    let properties = (config.mqtt.version == MqttVersion::V5).then_some(&config.property_limits);
     PublishLimits::from_server(&nats)
         .await
-        .check_config(config.max_payload_bytes, "--max-payload-bytes")?;
+        .check_config_with_properties(
+            config.max_payload_bytes,
+            properties,
+            "--max-payload-bytes",
+        )?;
     let js = async_nats::jetstream::new(nats.clone());
 
     let sink_config = SinkConfig {
@@ -117,6 +123,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         limits: Limits {
             max_payload_bytes: config.max_payload_bytes,
         },
+        property_limits: config.property_limits,
     });
 
     let status = Status::default();

@@ -39,6 +39,9 @@ pub const LEFT_TO_BROKER_TOTAL: &str = "argus_bridge_left_to_broker_total";
 /// Counter: connections renewed after an intake-full episode, once everything
 /// queued was acknowledged, so the broker redelivers what was left to it.
 pub const INTAKE_FULL_DISCONNECTS_TOTAL: &str = "argus_bridge_intake_full_disconnects_total";
+/// Counter: MQTT 5 QoS 1 messages the broker sent past the connection's Receive
+/// Maximum (`--max-inflight`): not admitted, left to the broker like an intake-full one.
+pub const RECEIVE_MAXIMUM_EXCEEDED_TOTAL: &str = "argus_bridge_receive_maximum_exceeded_total";
 /// Counter: DUP redeliveries of a packet id still outstanding on the same
 /// connection, not queued a second time.
 pub const DUP_SKIPPED_TOTAL: &str = "argus_bridge_dup_skipped_total";
@@ -86,6 +89,10 @@ pub fn describe() {
         "QoS 0 messages not admitted because the intake was full."
     );
     describe_counter!(
+        RECEIVE_MAXIMUM_EXCEEDED_TOTAL,
+        "MQTT 5 QoS 1 messages the broker sent past the Receive Maximum (--max-inflight); left to the broker."
+    );
+    describe_counter!(
         LEFT_TO_BROKER_TOTAL,
         "QoS 1 messages not admitted because the intake was full; the broker redelivers them."
     );
@@ -116,6 +123,7 @@ pub fn describe() {
         STALE_ACKS_TOTAL,
         INTAKE_FULL_DISCONNECTS_TOTAL,
         LEFT_TO_BROKER_TOTAL,
+        RECEIVE_MAXIMUM_EXCEEDED_TOTAL,
         DUP_SKIPPED_TOTAL,
     ] {
         counter!(name).absolute(0);
@@ -156,6 +164,10 @@ pub fn shed_qos0() {
 
 pub fn left_to_broker() {
     counter!(LEFT_TO_BROKER_TOTAL).increment(1);
+}
+
+pub fn receive_maximum_exceeded() {
+    counter!(RECEIVE_MAXIMUM_EXCEEDED_TOTAL).increment(1);
 }
 
 pub fn intake_full_disconnect() {

@@ -172,6 +172,11 @@ async fn a_qos0_flood_against_a_stalled_sink_is_shed_with_memory_bounded() {
             .await;
     }
     device.wait_acked(120, Duration::from_secs(30)).await;
+    // The broker's PUBACK to the device comes before the bridge has stored them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&db, "after-%").await < 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(count(&db, "after-%").await, 100);
 }
 
@@ -193,33 +198,56 @@ async fn a_payload_limit_nats_cannot_carry_refuses_start_up() {
     assert_eq!(row_count(&stack.db().await).await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_qos1_burst_past_the_intake_is_left_to_the_broker_and_loses_nothing() {
-    let stack = Stack::start(false).await;
-    let port = argus_testkit::free_port();
-    // The broker's window (1000) is far past what this bridge admits (a sink of 400
-    // readings, 20 pending acks per connection), so the intake bound is reached.
-    let bridge = stack
-        .bridge_process_with(
-            0,
-            port,
-            &["--max-inflight", "20", "--intake-max-messages", "50"],
-        )
-        .await;
+/// Locks `telemetry_raw` (a stalled sink) in a transaction on `locker`, then has
+/// the demo device publish 2,000 QoS 1 messages and waits for the broker's PUBACKs.
+/// Returns the lock (roll it back to release the sink) and the expected ids.
+async fn burst_into_a_locked_sink<'a>(
+    stack: &Stack,
+    locker: &'a mut tokio_postgres::Client,
+    run: &str,
+) -> (
+    tokio_postgres::Transaction<'a>,
+    std::collections::HashSet<uuid::Uuid>,
+) {
     let device = stack.device(DEMO_DEVICE_ID);
     let topic = telemetry_topic(DEMO_DEVICE_ID);
-    let mut locker = stack.db().await;
     let lock = locker.transaction().await.unwrap();
     lock.batch_execute("LOCK TABLE telemetry_raw IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
     let mut expected = std::collections::HashSet::new();
     for n in 0..2_000 {
-        let p = numbered_payload("burst", n);
+        let p = numbered_payload(run, n);
         expected.insert(expected_id(DEMO_DEVICE_ID, &p));
         device.publish(&topic, p).await;
     }
     device.wait_acked(2_000, Duration::from_secs(60)).await;
+    (lock, expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_burst_past_the_intake_is_left_to_the_broker_and_loses_nothing() {
+    let stack = Stack::start(false).await;
+    let port = argus_testkit::free_port();
+    // With MQTT 3.1.1 the broker's window is its own setting (1000), far past what
+    // this bridge admits (a sink of 400 readings, 20 pending acks per connection),
+    // so the intake bound is reached.
+    let bridge = stack
+        .bridge_process_with(
+            0,
+            port,
+            &[
+                "--mqtt-version",
+                "3.1.1",
+                "--max-inflight",
+                "20",
+                "--intake-max-messages",
+                "50",
+            ],
+        )
+        .await;
+    let mut locker = stack.db().await;
+    let (lock, expected) = burst_into_a_locked_sink(&stack, &mut locker, "burst").await;
     // Past the intake bound QoS 1 messages are left to the broker, not queued.
     wait_for(
         "messages left to the broker",
@@ -243,6 +271,63 @@ async fn a_qos1_burst_past_the_intake_is_left_to_the_broker_and_loses_nothing() 
         metric_sum(&bridge.metrics(), "argus_bridge_shed_total"),
         0.0
     );
+}
+
+/// The same burst with MQTT 5: the bridge's Receive Maximum (`--max-inflight 20`)
+/// holds the broker to 20 unacknowledged messages per connection, whatever the
+/// broker's own window (1000), so the intake never fills and nothing needs to be
+/// left to the broker or renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mqtt_5_the_broker_keeps_to_the_receive_maximum() {
+    const WINDOW: f64 = 20.0;
+    const CONNECTIONS: f64 = 2.0; // `bridge_args`
+    let stack = Stack::start(false).await;
+    let port = argus_testkit::free_port();
+    let bridge = stack
+        .bridge_process_with(
+            0,
+            port,
+            &[
+                "--mqtt-version",
+                "5",
+                "--max-inflight",
+                "20",
+                "--intake-max-messages",
+                "50",
+            ],
+        )
+        .await;
+    let mut locker = stack.db().await;
+    let (lock, expected) = burst_into_a_locked_sink(&stack, &mut locker, "window").await;
+    // The broker fills both windows, then holds the rest: sample what the bridge
+    // holds until it has been full for a while.
+    let in_flight = || metric_sum(&bridge.metrics(), "argus_bridge_in_flight_messages");
+    wait_for("both windows full", Duration::from_secs(30), || {
+        in_flight() >= WINDOW * CONNECTIONS
+    })
+    .await;
+    let mut peak = 0.0f64;
+    for _ in 0..30 {
+        peak = peak.max(in_flight());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = bridge.metrics();
+    assert_eq!(
+        peak,
+        WINDOW * CONNECTIONS,
+        "the bridge held {peak} messages, not the Receive Maximum of each connection"
+    );
+    for counter in [
+        "argus_bridge_left_to_broker_total",
+        "argus_bridge_intake_overflow_total",
+        "argus_bridge_intake_full_disconnects_total",
+    ] {
+        assert_eq!(metric_sum(&metrics, counter), 0.0, "{counter}");
+    }
+    lock.rollback().await.unwrap();
+    wait_stored(&stack, expected.len(), Duration::from_secs(90)).await;
+    assert_exactly_once(&stack, &expected).await;
+    wait_ready(port, Duration::from_secs(30)).await;
 }
 
 /// Reads one MQTT packet: (fixed header byte, body).
@@ -290,6 +375,8 @@ async fn a_dup_of_an_outstanding_packet_id_is_acknowledged_once() {
     config.mqtt.ca_file = None;
     config.mqtt.identity = None;
     config.mqtt.connections = 1;
+    // The stand-in speaks MQTT 3.1.1 packets.
+    config.mqtt.version = argus_bridge::config::MqttVersion::V311;
     let bridge = argus_bridge::app::start(config).await.expect("bridge");
 
     let (mut s, _) = listener.accept().await.unwrap();

@@ -21,7 +21,6 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argus_testkit::mosquitto::Mosquitto;
@@ -446,9 +445,9 @@ enum RawOutcome {
 /// A minimal MQTT 3.1.1 client over rustls: CONNECT, one QoS 1 PUBLISH with the
 /// topic bytes as given (no client-side validation), then PUBACK or a closed socket.
 fn raw_publish(port: u16, ca: &Path, id: &Identity, topic: &[u8], payload: &[u8]) -> RawOutcome {
-    let tls = client_tls(ca, id);
+    let tls = device_tls(ca, id);
     let conn = rustls::ClientConnection::new(
-        Arc::new(tls),
+        tls,
         rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(),
     )
     .unwrap();
@@ -485,53 +484,24 @@ fn raw_publish(port: u16, ca: &Path, id: &Identity, topic: &[u8], payload: &[u8]
     }
 }
 
-fn client_tls(ca: &Path, id: &Identity) -> rustls::ClientConfig {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&id.cert)
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&id.key).unwrap();
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap()
-}
-
 /// A dead letter as recorded: (reason, topic, original bytes).
 async fn dead_letters(js: &jetstream::Context) -> Vec<(String, String, Vec<u8>)> {
-    let mut s = js.get_stream("TELEMETRY_DLQ").await.unwrap();
-    let state = s.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for seq in state.first_sequence..=state.last_sequence {
-        let m = s.get_raw_message(seq).await.unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        assert_eq!(
-            m.subject.as_str(),
-            format!("telemetry.dlq.{}", v["reason"].as_str().unwrap())
-        );
-        let bytes = match (v["payload"].as_str(), v["payloadBase64"].as_str()) {
-            (Some(t), None) => t.as_bytes().to_vec(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).unwrap(),
-            other => panic!("letter has {other:?}"),
-        };
-        out.push((
-            v["reason"].as_str().unwrap().to_string(),
-            v["topic"].as_str().unwrap_or("").to_string(),
-            bytes,
-        ));
-    }
-    out
+    dlq_records(js)
+        .await
+        .into_iter()
+        .map(|v| {
+            let bytes = match (v["payload"].as_str(), v["payloadBase64"].as_str()) {
+                (Some(t), None) => t.as_bytes().to_vec(),
+                (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).unwrap(),
+                other => panic!("letter has {other:?}"),
+            };
+            (
+                v["reason"].as_str().unwrap().to_string(),
+                v["topic"].as_str().unwrap_or("").to_string(),
+                bytes,
+            )
+        })
+        .collect()
 }
 
 fn id_of(device: Uuid, payload: &[u8]) -> Uuid {
@@ -726,12 +696,10 @@ async fn spy(
     filters: &[&str],
 ) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let identity = stack.pki.device(id);
-    let tls = client_tls(&stack.pki.ca_file(), &identity);
+    let tls = device_tls(&stack.pki.ca_file(), &identity);
     let mut o = MqttOptions::new(id.to_string(), "127.0.0.1", stack.mq.port());
     o.set_keep_alive(Duration::from_secs(10))
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )));
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut ev) = AsyncClient::new(o, 64);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -94,6 +94,7 @@ fuzz_target!(|data: &[u8]| {
             client_id: Arc::from("bridge-0-0"),
             received_at: chrono::Utc::now(),
             dup: false,
+            properties: None,
         };
         let end = match check(&msg.topic, &msg.payload, &Limits::default()) {
             Err(reject) => dead_letter(reject, msg),

@@ -19,7 +19,10 @@
 //! `receivedAt` (RFC 3339, microseconds, `Z`), and `payload` (the original
 //! bytes as a JSON string when they are UTF-8) or `payloadBase64` (standard
 //! base64 with padding when they are not). `deviceId` and `messageId` are added
-//! when known (e.g. `unknown_device`, `unstorable`), otherwise omitted.
+//! when known (e.g. `unknown_device`, `unstorable`), otherwise omitted, and so is
+//! `properties`: an MQTT 5 message's publish properties
+//! ([`crate::properties::Properties::to_json`]) when they were within their
+//! bounds (an `invalid_properties` letter has none; its detail says why).
 //!
 //! Each record carries a `Nats-Msg-Id` derived from (reason, topic, payload), so a
 //! redelivered bad message (a crash between the DLQ ack and the PUBACK) is not
@@ -70,6 +73,8 @@ pub struct DeadLetter {
     pub device_id: Option<Uuid>,
     /// Set when a message id was derived (e.g. `unstorable`).
     pub message_id: Option<Uuid>,
+    /// The MQTT 5 publish properties, as JSON, when they were within bounds.
+    pub properties: Option<serde_json::Value>,
 }
 
 impl DeadLetter {
@@ -91,6 +96,7 @@ impl DeadLetter {
             payload,
             device_id: reject.device_id,
             message_id: None,
+            properties: None,
         }
     }
 
@@ -150,6 +156,8 @@ impl DeadLetter {
             #[serde(skip_serializing_if = "Option::is_none")]
             message_id: Option<Uuid>,
             #[serde(skip_serializing_if = "Option::is_none")]
+            properties: Option<&'a serde_json::Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             payload: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             payload_base64: Option<String>,
@@ -184,6 +192,7 @@ impl DeadLetter {
                 .to_rfc3339_opts(SecondsFormat::Micros, true),
             device_id: self.device_id,
             message_id: self.message_id,
+            properties: self.properties.as_ref(),
             payload: text,
             payload_base64: b64,
             payload_truncated: truncated,

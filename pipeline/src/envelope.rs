@@ -4,8 +4,13 @@
 //! ```json
 //! {"messageId":"…","deviceId":"…","tenantId":"…","topic":"devices/…/telemetry"|null,
 //!  "clientId":"…"|null,"receivedAt":"2024-05-01T10:00:00.123456Z",
-//!  "deviceTimestamp":"…Z"|null,"payload":{…},"source":"mqtt"|"http"}
+//!  "deviceTimestamp":"…Z"|null,"payload":{…},"source":"mqtt"|"http",
+//!  "properties":{…}}
 //! ```
+//!
+//! `properties` is there only for an MQTT 5 message that carried publish
+//! properties ([`crate::properties`]); it is the JSON stored in
+//! `telemetry_raw.mqtt_properties`, spliced in verbatim like the payload.
 //!
 //! UUIDs are lower-case hyphenated; times are RFC 3339 UTC with exactly six
 //! fractional digits (the precision of `timestamptz`, so the envelope and the
@@ -66,8 +71,16 @@ pub fn encode_into(reading: &Reading, out: &mut Vec<u8>) {
     out.extend_from_slice(&reading.payload);
     out.extend_from_slice(b",\"source\":\"");
     out.extend_from_slice(reading.source.as_str().as_bytes());
-    out.extend_from_slice(b"\"}");
+    out.push(b'"');
+    if let Some(p) = &reading.properties {
+        out.extend_from_slice(PROPERTIES_MEMBER);
+        out.extend_from_slice(p);
+    }
+    out.push(b'}');
 }
+
+/// What precedes the properties object in an envelope.
+pub const PROPERTIES_MEMBER: &[u8] = b",\"properties\":";
 
 fn uuid(out: &mut Vec<u8>, id: Uuid) {
     out.push(b'"');
@@ -108,6 +121,9 @@ pub struct Envelope {
     pub device_timestamp: Option<DateTime<Utc>>,
     pub payload: serde_json::Value,
     pub source: String,
+    /// MQTT 5 publish properties, when the message had any.
+    #[serde(default)]
+    pub properties: Option<serde_json::Value>,
 }
 
 #[cfg(test)]
@@ -147,9 +163,21 @@ mod tests {
         assert_eq!(e.device_timestamp, r.device_timestamp);
         assert_eq!(e.payload["v"][2]["a"], "é");
         assert_eq!(e.source, "mqtt");
+        assert_eq!(e.properties, None);
         let text = std::str::from_utf8(&bytes).unwrap();
         assert!(text.contains("\"receivedAt\":\"2023-11-14T22:13:20.000005Z\""));
         assert!(text.contains("\"deviceTimestamp\":\"2023-11-14T22:13:20.123000Z\""));
+    }
+
+    #[test]
+    fn properties_are_spliced_in_when_present() {
+        let mut r = reading(b"{}", None);
+        r.properties = Some(bytes::Bytes::from_static(br#"{"contentType":"a/b"}"#));
+        let e: Envelope = serde_json::from_slice(&encode(&r)).unwrap();
+        assert_eq!(
+            e.properties,
+            Some(serde_json::json!({"contentType": "a/b"}))
+        );
     }
 
     #[test]

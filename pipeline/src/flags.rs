@@ -58,9 +58,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ns" => value / 1e9,
         "m" | "min" | "mins" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
+                "{text:?}: unknown unit {other:?} (use ms, s, m, h or d)"
             ))
         }
     };

@@ -3,6 +3,7 @@
 //!
 //! Layout (data flows top to bottom):
 //! - [`reading`]: topic and payload checks; turns an accepted message into a [`reading::Reading`].
+//! - [`properties`]: MQTT 5 publish properties: bounds, chunk fields, their JSON for both stores.
 //! - [`reject`]: why a message is refused: [`reject::DlqReason`] and [`reject::Reject`].
 //! - [`message_id`]: the deterministic message id (dedup key in Postgres and JetStream).
 //! - [`registry`]: device and API-key look-ups (memory -> Redis -> Postgres) with invalidation.
@@ -29,6 +30,7 @@ pub mod message_id;
 pub mod metrics;
 pub mod pg;
 pub mod process;
+pub mod properties;
 pub mod reading;
 pub mod registry;
 pub mod reject;

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::dlq::DlqPublisher;
 use crate::envelope;
+use crate::properties::PropertyLimits;
 use crate::reading::{self, Reading, Source};
 
 /// The longest MQTT client id an envelope is sized for. Bridge client ids are
@@ -104,7 +105,19 @@ impl PublishLimits {
     /// Refuses a payload limit (`flag`'s value) whose largest envelope the server
     /// would refuse. The error names the flag and the largest value that fits.
     pub fn check_config(&self, max_payload_bytes: usize, flag: &str) -> Result<(), LimitError> {
-        let largest = Self::largest_envelope(max_payload_bytes);
+        self.check_config_with_properties(max_payload_bytes, None, flag)
+    }
+
+    /// [`Self::check_config`] for a source whose envelopes may also carry MQTT 5
+    /// properties within `properties` (the bridge).
+    pub fn check_config_with_properties(
+        &self,
+        max_payload_bytes: usize,
+        properties: Option<&PropertyLimits>,
+        flag: &str,
+    ) -> Result<(), LimitError> {
+        let extra = properties.map_or(0, properties_overhead);
+        let largest = Self::largest_envelope(max_payload_bytes) + extra;
         if largest <= self.server_max_payload {
             return Ok(());
         }
@@ -115,7 +128,7 @@ impl PublishLimits {
             server_max_payload: self.server_max_payload,
             fits: self
                 .server_max_payload
-                .saturating_sub(Self::largest_envelope(0)),
+                .saturating_sub(Self::largest_envelope(0) + extra),
         })
     }
 
@@ -140,6 +153,12 @@ pub fn envelope_len(r: &Reading) -> usize {
     envelope::encode(&meta).len() + r.payload.len()
 }
 
+/// The most bytes MQTT 5 properties within `limits` add to an envelope: the
+/// member's name and the longest JSON of [`PropertyLimits::max_json_bytes`].
+pub fn properties_overhead(limits: &PropertyLimits) -> usize {
+    envelope::PROPERTIES_MEMBER.len() + limits.max_json_bytes()
+}
+
 /// The most bytes the envelope adds around a payload: every field at its
 /// longest (the checked topic, a client id of [`MAX_CLIENT_ID_LEN`] bytes,
 /// both timestamps).
@@ -160,6 +179,7 @@ pub fn envelope_overhead() -> usize {
         source: Source::Mqtt,
         mqtt_topic: Some(reading::canonical_topic(id)),
         client_id: Some("c".repeat(MAX_CLIENT_ID_LEN)),
+        properties: None,
     };
     envelope_len(&longest)
 }
@@ -191,6 +211,7 @@ mod tests {
             source: Source::Http,
             mqtt_topic: None,
             client_id: None,
+            properties: None,
         }
     }
 
@@ -231,6 +252,44 @@ mod tests {
         r.client_id = Some("bridge-0-7".into());
         assert_eq!(envelope_len(&r), envelope::encode(&r).len());
         assert!(envelope_len(&r) <= payload.len() + envelope_overhead());
+    }
+
+    #[test]
+    fn the_properties_overhead_bounds_the_longest_properties() {
+        use crate::properties::Properties;
+        let bounds = PropertyLimits {
+            max_user_properties: 4,
+            max_bytes: 64,
+        };
+        // Control characters (6 bytes each in JSON) up to the byte bound, across
+        // every kind of property.
+        let worst = Properties {
+            content_type: Some("\u{1}".repeat(16)),
+            payload_format_indicator: Some(1),
+            response_topic: Some("\u{2}".repeat(16)),
+            correlation_data: Some(Bytes::from(vec![0xff; 8])),
+            user_properties: vec![("\u{3}".repeat(2), "\u{4}".repeat(4)); 4],
+        };
+        assert!(worst.check(&bounds).is_ok());
+        let payload = Bytes::from_static(b"{}");
+        let mut r = http_reading(payload.clone());
+        r.source = Source::Mqtt;
+        r.mqtt_topic = Some(reading::canonical_topic(r.device_id));
+        r.client_id = Some("c".repeat(MAX_CLIENT_ID_LEN));
+        r.properties = Some(worst.to_json());
+        assert_eq!(envelope_len(&r), envelope::encode(&r).len());
+        assert!(
+            envelope_len(&r) <= payload.len() + envelope_overhead() + properties_overhead(&bounds)
+        );
+        // And the start-up check counts it.
+        let server = limits(PublishLimits::largest_envelope(1000) + properties_overhead(&bounds));
+        assert!(server
+            .check_config_with_properties(1000, Some(&bounds), "--max-payload-bytes")
+            .is_ok());
+        let e = server
+            .check_config_with_properties(1001, Some(&bounds), "--max-payload-bytes")
+            .unwrap_err();
+        assert_eq!(e.fits, 1000);
     }
 
     #[test]

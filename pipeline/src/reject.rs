@@ -38,11 +38,18 @@ pub enum DlqReason {
     /// restarted, say): the stored row stays, this reading is not stored. Found by
     /// the sink from `telemetry_raw.content_sha256`.
     IdConflict,
+    /// MQTT 5 publish properties past their bounds (count of user properties,
+    /// bytes) or holding what `jsonb` cannot store (U+0000).
+    InvalidProperties,
+    /// A chunk field (`correlationId`, `sequenceNumber`, `totalChunks`) sent as
+    /// an MQTT 5 user property disagrees with the payload's field, or is sent
+    /// twice with two values.
+    ChunkConflict,
 }
 
 impl DlqReason {
     /// Every reason, e.g. to pre-register metric series.
-    pub const ALL: [DlqReason; 10] = [
+    pub const ALL: [DlqReason; 12] = [
         DlqReason::BadTopic,
         DlqReason::NotUtf8,
         DlqReason::InvalidJson,
@@ -53,6 +60,8 @@ impl DlqReason {
         DlqReason::InvalidField,
         DlqReason::Unstorable,
         DlqReason::IdConflict,
+        DlqReason::InvalidProperties,
+        DlqReason::ChunkConflict,
     ];
 
     /// The snake_case name: subject token, metric label, `reason` field.
@@ -68,6 +77,8 @@ impl DlqReason {
             DlqReason::InvalidField => "invalid_field",
             DlqReason::Unstorable => "unstorable",
             DlqReason::IdConflict => "id_conflict",
+            DlqReason::InvalidProperties => "invalid_properties",
+            DlqReason::ChunkConflict => "chunk_conflict",
         }
     }
 

@@ -64,6 +64,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(3, "0003", "device_certificates"),
     migration!(4, "0004", "device_api_keys"),
     migration!(5, "0005", "telemetry_content_digest"),
+    migration!(6, "0006", "telemetry_mqtt_properties"),
 ];
 
 /// The advisory lock key held while migrating or rolling back ("ARGUS_MG").

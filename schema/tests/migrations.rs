@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 // ---------------------------------------------------------------------------
 
 /// `table.column|type|null or not null|default`. For the tables the plan
-/// creates (and 0003, 0004, 0005) this is every column; for the tables it extends,
+/// creates (and 0003 to 0006) this is every column; for the tables it extends,
 /// the columns it adds plus the brief's `devices` columns.
 const EXPECTED_COLUMNS: &str = "
 devices.id|uuid|not null|gen_random_uuid()
@@ -88,6 +88,7 @@ telemetry_raw.mqtt_topic|text|null|
 telemetry_raw.client_id|text|null|
 telemetry_raw.created_at|timestamp with time zone|not null|now()
 telemetry_raw.content_sha256|bytea|null|
+telemetry_raw.mqtt_properties|jsonb|null|
 telemetry_chunks.id|uuid|not null|gen_random_uuid()
 telemetry_chunks.tenant_id|uuid|not null|
 telemetry_chunks.device_id|uuid|not null|
@@ -495,7 +496,7 @@ async fn every_down_migration_restores_the_previous_state_exactly() {
         migrate::migrate_to(&mut client, m.version).await.unwrap();
         up.push(without_bookkeeping(&catalog_dump(&client).await));
     }
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5, 6]);
 
     // Coming down one step at a time must meet the same states.
     for (i, m) in MIGRATIONS.iter().enumerate().rev() {
@@ -532,7 +533,7 @@ async fn rollback_to_zero_leaves_nothing_and_migrate_again_gives_the_identical_s
             .iter()
             .map(|s| s.version)
             .collect::<Vec<_>>(),
-        vec![5, 4, 3, 2, 1]
+        vec![6, 5, 4, 3, 2, 1]
     );
     assert_eq!(report.current_version, 0);
     assert_same_schema(
@@ -589,7 +590,7 @@ async fn two_migrate_runs_started_together_both_succeed_and_apply_each_migration
     assert_eq!(counts, [0, MIGRATIONS.len()]);
     assert_eq!(ra.current_version, migrate::latest_version());
     assert_eq!(rb.current_version, migrate::latest_version());
-    assert_eq!(applied_versions(&a).await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(applied_versions(&a).await, vec![1, 2, 3, 4, 5, 6]);
 }
 
 #[tokio::test]
@@ -655,25 +656,25 @@ async fn invalid_rollbacks_are_refused_and_change_nothing() {
 
     migrate::migrate(&mut client).await.unwrap();
     let before = catalog_dump(&client).await;
-    for to in [6, 42, -1] {
+    for to in [7, 42, -1] {
         let err = migrate::rollback(&mut client, Some(to)).await.unwrap_err();
         assert!(matches!(err, MigrateError::NoSuchVersion { .. }), "{err:?}");
         assert!(err.to_string().contains(&to.to_string()), "{err}");
     }
     // Not below the current version.
-    let err = migrate::rollback(&mut client, Some(5)).await.unwrap_err();
+    let err = migrate::rollback(&mut client, Some(6)).await.unwrap_err();
     assert!(
         matches!(
             err,
             MigrateError::TargetNotBelowCurrent {
-                target: 5,
-                current: 5
+                target: 6,
+                current: 6
             }
         ),
         "{err:?}"
     );
     assert_same_schema(&catalog_dump(&client).await, &before, "schema changed");
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5, 6]);
 
     // Past the first migration: after rolling back everything, one more step is refused.
     migrate::rollback(&mut client, Some(0)).await.unwrap();
@@ -888,7 +889,8 @@ async fn cli_migrate_status_rollback() {
     let run = run_cli(&["migrate"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
-        run.stdout.contains("applied 0005_telemetry_content_digest"),
+        run.stdout
+            .contains("applied 0006_telemetry_mqtt_properties"),
         "{}",
         run.stdout
     );
@@ -896,7 +898,7 @@ async fn cli_migrate_status_rollback() {
 
     // Bad rollbacks: a clear error, nothing changed.
     let before = catalog_dump(&client).await;
-    for to in ["9", "5"] {
+    for to in ["9", "6"] {
         let run = run_cli(&["rollback", "--to", to], db.url());
         assert_ne!(run.code, 0, "--to {to}: {}", run.stdout);
         assert!(
@@ -915,11 +917,11 @@ async fn cli_migrate_status_rollback() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
         run.stdout
-            .contains("rolled back 0005_telemetry_content_digest"),
+            .contains("rolled back 0006_telemetry_mqtt_properties"),
         "{}",
         run.stdout
     );
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5]);
 
     let run = run_cli(&["rollback", "--to", "0"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);

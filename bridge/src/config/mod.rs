@@ -10,9 +10,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use argus_pipeline::flags::{BatchArgs, FlagEnv, NatsArgs, PgArgs, RedisArgs, ShutdownArgs};
+use argus_pipeline::properties::PropertyLimits;
 use clap::{Parser, ValueEnum};
 
+mod mqtt;
 mod url;
+pub use mqtt::{ClientIdentity, IntakeLimits, MqttConfig, MqttVersion, SessionExpiry};
 pub use url::{parse_mqtt_url, MqttAddr, MqttScheme};
 
 pub use argus_pipeline::flags::{parse_duration, ConfigError};
@@ -94,11 +97,26 @@ pub struct Cli {
     )]
     pub topic_filter: String,
 
-    /// Upper bound of unacknowledged messages the broker may have in flight on one connection
-    /// (Mosquitto `max_inflight_messages`, EMQX `max_inflight`). Sizes the per-connection queues
-    /// and the MQTT request channel; keep it at least the broker's value.
+    /// MQTT protocol version: `5` (default) or `3.1.1` for brokers without MQTT 5. With 5 the
+    /// broker keeps to `--max-inflight` by protocol (Receive Maximum); with 3.1.1 only by its
+    /// own setting, which Mosquitto 2.0 does not hold.
+    #[arg(long, env = "ARGUS_BRIDGE_MQTT_VERSION", value_enum, default_value_t = MqttVersion::V5)]
+    pub mqtt_version: MqttVersion,
+
+    /// Most unacknowledged QoS 1 messages the broker may have in flight on one connection.
+    /// With MQTT 5 it is sent as Receive Maximum and the broker must keep to it (EMQX takes the
+    /// smaller of it and its zone's `mqtt.max_inflight`, default 32: raise that to match).
+    /// With 3.1.1 keep it at least the broker's window (Mosquitto `max_inflight_messages`,
+    /// EMQX `max_inflight`). Sizes the per-connection queues and the MQTT request channel.
     #[arg(long, env = "ARGUS_BRIDGE_MAX_INFLIGHT", default_value_t = 1000)]
     pub max_inflight: usize,
+
+    /// MQTT 5 only: how long the broker keeps a connection's session (its subscription and
+    /// the share queued for it) after the connection is lost, e.g. `7d`, or `never` (default)
+    /// for a session that does not expire. Mosquitto discards an expired session's queue
+    /// (loss); EMQX hands it to the group's other members. See docs/bridge.md.
+    #[arg(long, env = "ARGUS_BRIDGE_SESSION_EXPIRY")]
+    pub session_expiry: Option<String>,
 
     /// Most messages one connection's intake (poll task to worker) may hold. Past it, or past
     /// `--intake-max-bytes`, a QoS 0 message is shed (counted in `argus_bridge_shed_total`) and a
@@ -148,6 +166,18 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_BRIDGE_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
     pub max_payload_bytes: usize,
 
+    /// MQTT 5: most user properties one message may carry; past it the message goes to the
+    /// DLQ as `invalid_properties`.
+    #[arg(long, env = "ARGUS_BRIDGE_MAX_USER_PROPERTIES", default_value_t = argus_pipeline::properties::DEFAULT_MAX_USER_PROPERTIES)]
+    pub max_user_properties: usize,
+
+    /// MQTT 5: most bytes of publish properties (content type, response topic, correlation
+    /// data, user property names and values together) one message may carry; past it the
+    /// message goes to the DLQ as `invalid_properties`. Counted in the start-up check against
+    /// the NATS server's `max_payload`.
+    #[arg(long, env = "ARGUS_BRIDGE_MAX_PROPERTY_BYTES", default_value_t = argus_pipeline::properties::DEFAULT_MAX_PROPERTY_BYTES)]
+    pub max_property_bytes: usize,
+
     /// Address of the HTTP server for `/health`, `/ready` and `/metrics`.
     #[arg(
         long,
@@ -173,68 +203,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// How much one connection's intake may hold (`--intake-max-messages`,
-/// `--intake-max-bytes`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IntakeLimits {
-    pub max_messages: usize,
-    /// Topic plus payload bytes of the queued publishes.
-    pub max_bytes: usize,
-}
-
-/// The client certificate and key files (mutual TLS).
-#[derive(Debug, Clone)]
-pub struct ClientIdentity {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-}
-
-impl ClientIdentity {
-    /// The files of connection `conn` of replica `replica`: `{replica}` and
-    /// `{connection}` in the paths are replaced.
-    pub fn for_connection(&self, replica: u32, conn: u16) -> ClientIdentity {
-        let expand = |p: &PathBuf| {
-            PathBuf::from(
-                p.to_string_lossy()
-                    .replace("{replica}", &replica.to_string())
-                    .replace("{connection}", &conn.to_string()),
-            )
-        };
-        ClientIdentity {
-            cert_file: expand(&self.cert_file),
-            key_file: expand(&self.key_file),
-        }
-    }
-}
-
-/// Everything the MQTT source needs.
-#[derive(Debug, Clone)]
-pub struct MqttConfig {
-    pub addr: MqttAddr,
-    pub ca_file: Option<PathBuf>,
-    pub identity: Option<ClientIdentity>,
-    pub replica: u32,
-    pub connections: u16,
-    pub share_group: String,
-    pub topic_filter: String,
-    pub max_inflight: usize,
-    pub intake: IntakeLimits,
-    pub keep_alive: Duration,
-    pub reconnect_max: Duration,
-}
-
-impl MqttConfig {
-    /// `$share/<group>/<filter>`.
-    pub fn subscription(&self) -> String {
-        format!("$share/{}/{}", self.share_group, self.topic_filter)
-    }
-
-    /// The stable client id of connection `conn` of this replica: `bridge-<replica>-<conn>`.
-    pub fn client_id(&self, conn: u16) -> String {
-        format!("bridge-{}-{}", self.replica, conn)
-    }
-}
-
 /// The validated configuration of one bridge process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -247,6 +215,8 @@ pub struct Config {
     pub batch_linger: Duration,
     pub batch_max_bytes: usize,
     pub max_payload_bytes: usize,
+    /// Bounds of an MQTT 5 message's properties.
+    pub property_limits: PropertyLimits,
     pub metrics_addr: SocketAddr,
     /// `/ready` fails past this age of the oldest unacknowledged message.
     pub ready_max_unacked_age: Duration,
@@ -311,6 +281,18 @@ impl Cli {
         if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
             return Err(invalid("max-inflight", "must be between 1 and 65535"));
         }
+        let session_expiry = match (&self.session_expiry, self.mqtt_version) {
+            (None, _) => SessionExpiry::Never,
+            (Some(text), MqttVersion::V5) => {
+                SessionExpiry::parse(text).map_err(|r| invalid("session-expiry", r))?
+            }
+            (Some(_), MqttVersion::V311) => {
+                return Err(invalid(
+                    "session-expiry",
+                    "applies to --mqtt-version 5 only (a 3.1.1 session lasts until the broker's own expiry, e.g. Mosquitto persistent_client_expiration)",
+                ))
+            }
+        };
         if self.intake_max_messages == 0 {
             return Err(invalid("intake-max-messages", "must be at least 1"));
         }
@@ -363,7 +345,9 @@ impl Cli {
                 connections: self.connections,
                 share_group: self.share_group,
                 topic_filter: self.topic_filter,
+                version: self.mqtt_version,
                 max_inflight: self.max_inflight,
+                session_expiry,
                 intake: IntakeLimits {
                     max_messages: self.intake_max_messages,
                     max_bytes: self.intake_max_bytes,
@@ -379,6 +363,10 @@ impl Cli {
             batch_linger: batching.linger,
             batch_max_bytes: batching.max_bytes,
             max_payload_bytes: self.max_payload_bytes,
+            property_limits: PropertyLimits {
+                max_user_properties: self.max_user_properties,
+                max_bytes: self.max_property_bytes,
+            },
             metrics_addr,
             ready_max_unacked_age,
             shutdown_timeout,
@@ -463,6 +451,22 @@ mod tests {
         assert_eq!(e.flag, "intake-max-bytes");
         let e = parse(&["--ready-max-unacked-age", "0s"]).unwrap_err();
         assert_eq!(e.flag, "ready-max-unacked-age");
+    }
+
+    #[test]
+    fn mqtt_5_by_default_with_a_session_that_does_not_expire() {
+        let c = parse(&[]).expect("valid");
+        assert_eq!(c.mqtt.version, MqttVersion::V5);
+        assert_eq!(c.mqtt.session_expiry.seconds(), u32::MAX);
+        let c = parse(&["--session-expiry", "7d"]).expect("valid");
+        assert_eq!(c.mqtt.session_expiry.seconds(), 7 * 86_400);
+        let c = parse(&["--mqtt-version", "3.1.1"]).expect("valid");
+        assert_eq!(c.mqtt.version, MqttVersion::V311);
+        let e = parse(&["--session-expiry", "0s"]).unwrap_err();
+        assert_eq!(e.flag, "session-expiry");
+        let e = parse(&["--mqtt-version", "3.1.1", "--session-expiry", "1h"]).unwrap_err();
+        assert_eq!(e.flag, "session-expiry");
+        assert!(Cli::try_parse_from(["argus-bridge", "--mqtt-version", "4"]).is_err());
     }
 
     #[test]

@@ -6,12 +6,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, EventLoop, Publish, QoS};
+use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::handler::Durable;
+use super::protocol::{Client, EventLoop, Inbound};
 use super::unacked::Head;
 use crate::metrics;
 
@@ -54,7 +55,7 @@ impl Epoch {
 
     /// Records a QoS 1 publish of epoch `epoch` as outstanding. False when it is a
     /// DUP of a packet id still outstanding: the copy is not queued.
-    pub(super) fn track(&self, epoch: u64, publish: &Publish) -> bool {
+    pub(super) fn track(&self, epoch: u64, publish: &Inbound) -> bool {
         if publish.qos == QoS::AtMostOnce {
             return true;
         }
@@ -63,6 +64,13 @@ impl Epoch {
             return true;
         }
         g.outstanding.insert(publish.pkid) || !publish.dup
+    }
+
+    /// True when epoch `epoch` holds more unacknowledged QoS 1 publishes than
+    /// `window`: the broker sent past the Receive Maximum.
+    pub(super) fn over_window(&self, epoch: u64, window: usize) -> bool {
+        let g = self.lock();
+        g.current == epoch && g.outstanding.len() > window
     }
 
     /// Forgets a packet id [`Epoch::track`] recorded whose publish was not queued.
@@ -95,29 +103,29 @@ pub(super) fn bump_epoch(epoch: &Epoch, eventloop: &mut EventLoop) -> u64 {
     g.outstanding.clear();
     // `clean` drops the network (when it is not gone already) and the PubAcks
     // still queued in the request channel; other requests are kept and sent
-    // after the next ConnAck. The acker only queues an ack
-    // while holding this lock and after checking the epoch, so none for the
-    // old epoch can be queued after this point.
+    // after the next ConnAck. The acker only queues an ack while holding this
+    // lock and after checking the epoch, so none for the old epoch can be
+    // queued after this point. It also forgets the publishes the old
+    // connection read but `poll` has not yielded yet: handing them out now
+    // would tag them with the new epoch and acknowledge their packet ids on
+    // the new connection, where they may name other messages. The broker
+    // redelivers them.
     eventloop.clean();
-    // Publishes the old connection read but `poll` has not yielded yet: handing
-    // them out now would tag them with the new epoch and acknowledge their
-    // packet ids on the new connection, where they may name other messages.
-    // The broker redelivers them.
-    eventloop.state.events.clear();
     g.current
 }
 
 /// An admitted publish waiting, in order, for durability.
 pub(super) struct Pending {
     pub(super) epoch: u64,
-    pub(super) publish: Publish,
+    pub(super) qos: QoS,
+    pub(super) pkid: u16,
     pub(super) at: Instant,
     pub(super) durable: Durable,
 }
 
 pub(super) async fn acker(
     mut pending: mpsc::Receiver<Pending>,
-    client: AsyncClient,
+    client: Client,
     epoch: Arc<Epoch>,
     client_id: Arc<str>,
     head: Arc<Head>,
@@ -125,7 +133,8 @@ pub(super) async fn acker(
 ) {
     while let Some(Pending {
         epoch: msg_epoch,
-        publish,
+        qos,
+        pkid,
         at,
         durable,
     }) = pending.recv().await
@@ -135,9 +144,9 @@ pub(super) async fn acker(
         head.acker(None);
         metrics::in_flight(-1.0);
         match result {
-            Ok(()) if publish.qos == QoS::AtMostOnce => {}
+            Ok(()) if qos == QoS::AtMostOnce => {}
             Ok(()) => {
-                if ack_in_epoch(&client, &epoch, msg_epoch, &publish).await {
+                if ack_in_epoch(&client, &epoch, msg_epoch, qos, pkid).await {
                     metrics::acked(at.elapsed());
                 } else {
                     metrics::stale_ack();
@@ -164,23 +173,18 @@ pub(super) async fn acker(
     let _ = client.try_disconnect();
 }
 
-/// Queues the ack of `publish` if its connection is still the current one. Returns
+/// Queues the ack of packet `pkid` if its connection is still the current one. Returns
 /// false when the ack is stale (the broker will redeliver the message).
-async fn ack_in_epoch(
-    client: &AsyncClient,
-    epoch: &Epoch,
-    msg_epoch: u64,
-    publish: &Publish,
-) -> bool {
+async fn ack_in_epoch(client: &Client, epoch: &Epoch, msg_epoch: u64, qos: QoS, pkid: u16) -> bool {
     loop {
         {
             let mut g = epoch.lock();
             if g.current != msg_epoch {
                 return false;
             }
-            if client.try_ack(publish).is_ok() {
+            if client.try_ack(qos, pkid).is_ok() {
                 // From now on the broker may reuse the packet id.
-                g.outstanding.remove(&publish.pkid);
+                g.outstanding.remove(&pkid);
                 g.acks_queued += 1;
                 return true;
             }

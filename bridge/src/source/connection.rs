@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use argus_pipeline::backoff::Backoff;
 use chrono::Utc;
-use rumqttc::{AsyncClient, ConnectionError, Event, Incoming, MqttOptions, Outgoing, QoS};
+use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -16,10 +16,11 @@ use super::ack::{acker, bump_epoch, Epoch, Pending};
 use super::handler::Handler;
 use super::intake::{release_in_flight, Intake, Pushed, Received};
 use super::options::request_capacity;
+use super::protocol::{Event, Options};
 use super::reconnect::{Reconnect, Retry};
 use super::unacked::Unacked;
 use super::worker::worker;
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, MqttVersion};
 use crate::metrics;
 use crate::server::Status;
 
@@ -27,15 +28,16 @@ use crate::server::Status;
 pub async fn run_connection<H: Handler>(
     cfg: MqttConfig,
     conn: u16,
-    opts: MqttOptions,
+    opts: Options,
     handler: Arc<H>,
     status: Status,
     unacked: Unacked,
     shutdown: CancellationToken,
 ) {
     let client_id: Arc<str> = opts.client_id().into();
+    let version = opts.version();
     let subscription = cfg.subscription();
-    let (client, mut eventloop) = AsyncClient::new(opts, request_capacity(cfg.max_inflight));
+    let (client, mut eventloop) = opts.connect(request_capacity(cfg.max_inflight));
     let epoch = Arc::new(Epoch::new());
     let intake = Arc::new(Intake::new(cfg.intake));
     let head = unacked.head(conn);
@@ -85,36 +87,37 @@ pub async fn run_connection<H: Handler>(
         }
 
         match eventloop.poll().await {
-            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+            Ok(Event::ConnAck { session_present }) => {
                 reconnect.connected(Instant::now());
                 if !up {
                     up = true;
                     metrics::mqtt_connected(conn, true);
                 }
-                info!(client_id = %client_id, session_present = ack.session_present, epoch = current_epoch, "Connected to the broker.");
+                info!(client_id = %client_id, mqtt_version = ?version, session_present, epoch = current_epoch, "Connected to the broker.");
                 // Subscribe after every ConnAck: required when the session is
                 // new, harmless when it was resumed.
-                if let Err(e) = client.try_subscribe(subscription.clone(), QoS::AtLeastOnce) {
+                if let Err(e) = client.try_subscribe(subscription.clone()) {
                     warn!(client_id = %client_id, error = %e, "Subscribe request not queued.");
                 }
             }
-            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                let refused = ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                if refused {
-                    error!(client_id = %client_id, subscription = %subscription, "The broker refused the subscription (check the ACL).");
-                } else {
-                    info!(client_id = %client_id, subscription = %subscription, "Subscribed.");
-                    if !subscribed {
-                        // Ready once messages can flow, not merely connected.
-                        subscribed = true;
-                        status.connection_up();
-                    }
+            Ok(Event::SubAck {
+                refused: Some(reason),
+            }) => {
+                error!(client_id = %client_id, subscription = %subscription, reason = %reason, "The broker refused the subscription (check the ACL).");
+            }
+            Ok(Event::SubAck { refused: None }) => {
+                info!(client_id = %client_id, subscription = %subscription, "Subscribed.");
+                if !subscribed {
+                    // Ready once messages can flow, not merely connected.
+                    subscribed = true;
+                    status.connection_up();
                 }
             }
-            Ok(Event::Incoming(Incoming::Publish(publish))) => {
+            Ok(Event::ServerDisconnect { reason }) => {
+                // The connection error that follows reconnects.
+                warn!(client_id = %client_id, reason = %reason, "The broker closed the session.");
+            }
+            Ok(Event::Publish(publish)) => {
                 metrics::received();
                 if !epoch.track(current_epoch, &publish) {
                     // Already queued on this connection; its PUBACK follows.
@@ -124,6 +127,23 @@ pub async fn run_connection<H: Handler>(
                 if refusing && publish.qos != QoS::AtMostOnce {
                     epoch.untrack(current_epoch, publish.pkid);
                     metrics::left_to_broker();
+                    continue;
+                }
+                if version == MqttVersion::V5
+                    && publish.qos != QoS::AtMostOnce
+                    && epoch.over_window(current_epoch, cfg.max_inflight)
+                {
+                    // The broker sent past our Receive Maximum (Mosquitto 2.0.11
+                    // does once acknowledgements flow: its issue #2301). Hold to
+                    // the bound ourselves: leave it to the broker, as when the
+                    // intake is full, and renew the connection once drained.
+                    epoch.untrack(current_epoch, publish.pkid);
+                    metrics::receive_maximum_exceeded();
+                    metrics::left_to_broker();
+                    if !refusing {
+                        refusing = true;
+                        warn!(client_id = %client_id, receive_maximum = cfg.max_inflight, "The broker sent more unacknowledged messages than the Receive Maximum: leaving further QoS 1 messages to it until what is queued is acknowledged, then reconnecting so it redelivers them.");
+                    }
                     continue;
                 }
                 let r = Received {
@@ -172,18 +192,18 @@ pub async fn run_connection<H: Handler>(
                     }
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+            Ok(Event::DisconnectWritten) => {
                 debug!(client_id = %client_id, "DISCONNECT sent.");
                 if shutdown.is_cancelled() {
                     break;
                 }
             }
-            Ok(Event::Outgoing(Outgoing::PubAck(_))) => {
+            Ok(Event::PubAckWritten) => {
                 acks_written += 1;
                 // Progress: a reconnect after an intake-full episode may follow at once.
                 full_backoff.reset();
             }
-            Ok(_) => {}
+            Ok(Event::Other) => {}
             Err(e) => {
                 went_down(&status, conn, &mut up, &mut subscribed);
                 // Everything received on the lost connection stays
@@ -193,7 +213,7 @@ pub async fn run_connection<H: Handler>(
                 // Their copies come again on the resumed session; processing
                 // the old ones would only hold up the new.
                 release_in_flight(intake.purge_before(current_epoch));
-                if shutdown.is_cancelled() || matches!(e, ConnectionError::RequestsDone) {
+                if shutdown.is_cancelled() || e.requests_done {
                     break;
                 }
                 let Retry { delay, reported } = reconnect.failed(Instant::now());

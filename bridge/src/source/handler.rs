@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use argus_pipeline::properties::Properties;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
@@ -22,6 +23,8 @@ pub struct Message {
     pub received_at: DateTime<Utc>,
     /// True when the broker marked it as a redelivery.
     pub dup: bool,
+    /// MQTT 5 publish properties, unchecked; `None` with 3.1.1 or when it had none.
+    pub properties: Option<Box<Properties>>,
 }
 
 /// Why a message could not be made durable; it is then not acknowledged and

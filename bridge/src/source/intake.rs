@@ -7,8 +7,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use rumqttc::{Publish, QoS};
+use rumqttc::QoS;
 
+use super::protocol::Inbound;
 use crate::config::IntakeLimits;
 use crate::metrics;
 
@@ -152,7 +153,7 @@ pub(super) fn release_in_flight(n: usize) {
 /// A publish handed from the poll task to the worker.
 pub(super) struct Received {
     pub(super) epoch: u64,
-    pub(super) publish: Publish,
+    pub(super) publish: Inbound,
     pub(super) at: Instant,
     pub(super) received_at: DateTime<Utc>,
 }
@@ -175,7 +176,14 @@ mod tests {
     fn received(qos: QoS, payload: usize) -> Received {
         Received {
             epoch: 0,
-            publish: Publish::new("t", qos, vec![b'x'; payload]),
+            publish: Inbound {
+                topic: "t".into(),
+                qos,
+                pkid: 0,
+                dup: false,
+                payload: vec![b'x'; payload].into(),
+                properties: None,
+            },
             at: Instant::now(),
             received_at: Utc::now(),
         }

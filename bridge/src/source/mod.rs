@@ -2,7 +2,7 @@
 //! each with in-order, durable-only PUBACKs.
 //!
 //! Files: [`handler`] (what a message is handed to), [`tls`] and [`options`]
-//! (how a connection is set up), [`connection`] (the poll loop),
+//! (how a connection is set up), [`protocol`] (MQTT 5 and 3.1.1 behind one face), [`connection`] (the poll loop),
 //! [`reconnect`] (when to connect again), [`intake`] (poll task to worker),
 //! [`worker`] (admits in order), [`ack`] (in-order PUBACKs), [`unacked`] (the
 //! age of the oldest unacknowledged message, for `/ready`).
@@ -62,6 +62,7 @@ pub mod connection;
 pub mod handler;
 mod intake;
 pub mod options;
+pub mod protocol;
 mod reconnect;
 pub mod tls;
 pub mod unacked;

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -25,7 +24,7 @@ pub(super) async fn worker<H: Handler>(
 ) {
     let mut closed = false;
     loop {
-        let r = tokio::select! {
+        let mut r = tokio::select! {
             biased;
             () = shutdown.cancelled(), if !closed => {
                 // Stage 1 of shutdown: take no more publishes, but finish the
@@ -48,20 +47,20 @@ pub(super) async fn worker<H: Handler>(
             continue;
         }
         let msg = Message {
-            topic: r.publish.topic.clone(),
-            payload: r.publish.payload.clone(),
+            topic: std::mem::take(&mut r.publish.topic),
+            payload: std::mem::take(&mut r.publish.payload),
             client_id: client_id.clone(),
             received_at: r.received_at,
             dup: r.publish.dup,
+            properties: r.publish.properties.take(),
         };
         head.worker(Some(r.at));
         let durable = handler.admit(msg).await;
         // Keep only what the ack needs; the payload lives on in the sink.
-        let mut publish = r.publish;
-        publish.payload = Bytes::new();
         let p = Pending {
             epoch: r.epoch,
-            publish,
+            qos: r.publish.qos,
+            pkid: r.publish.pkid,
             at: r.at,
             durable,
         };

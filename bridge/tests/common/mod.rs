@@ -302,6 +302,16 @@ impl Stack {
         jetstream::new(async_nats::connect(self.nats.url()).await.expect("nats"))
     }
 
+    /// An MQTT 5 device.
+    pub fn device5(&self, id: Uuid) -> Publisher5 {
+        Publisher5::new(
+            self.mq.port(),
+            &self.pki.ca_file(),
+            &self.pki.device(id),
+            &id.to_string(),
+        )
+    }
+
     pub fn device(&self, id: Uuid) -> Publisher {
         let identity = self.pki.device(id);
         Publisher::new(
@@ -419,35 +429,40 @@ pub struct Publisher {
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Publisher {
-    pub fn new(port: u16, ca: &Path, id: &Identity, client_id: &str) -> Publisher {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let chain: Vec<_> = CertificateDer::pem_file_iter(&id.cert)
-            .unwrap()
-            .map(|c| c.unwrap())
-            .collect();
-        let key = PrivateKeyDer::from_pem_file(&id.key).unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+/// The mTLS client configuration of a device identity.
+pub fn device_tls(ca: &Path, id: &Identity) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&id.cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&id.key).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .unwrap();
+        .unwrap(),
+    )
+}
+
+impl Publisher {
+    pub fn new(port: u16, ca: &Path, id: &Identity, client_id: &str) -> Publisher {
+        let tls = device_tls(ca, id);
         let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(10))
             .set_clean_session(false)
             .set_inflight(200)
             .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024)
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls),
-            )));
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         let (client, mut eventloop) = AsyncClient::new(o, 256);
         let acked = Arc::new(AtomicUsize::new(0));
         let counter = acked.clone();
@@ -503,6 +518,81 @@ impl Publisher {
 }
 
 impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An MQTT 5 device: publishes QoS 1 with publish properties and counts PUBACKs.
+pub struct Publisher5 {
+    client: rumqttc::v5::AsyncClient,
+    acked: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher5 {
+    pub fn new(port: u16, ca: &Path, id: &Identity, client_id: &str) -> Publisher5 {
+        use rumqttc::v5::{Event as Event5, Incoming as Incoming5};
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(10))
+            .set_max_packet_size(Some(2 * 1024 * 1024))
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                device_tls(ca, id),
+            )));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 256);
+        let acked = Arc::new(AtomicUsize::new(0));
+        let counter = acked.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event5::Incoming(Incoming5::PubAck(_))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        Publisher5 {
+            client,
+            acked,
+            task,
+        }
+    }
+
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        properties: rumqttc::v5::mqttbytes::v5::PublishProperties,
+    ) {
+        self.client
+            .publish_with_properties(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload.into(),
+                properties,
+            )
+            .await
+            .expect("publish request");
+    }
+
+    /// Waits until `n` PUBACKs have arrived in total.
+    pub async fn wait_acked(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.acked.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} MQTT 5 publishes acknowledged by the broker",
+                self.acked.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Publisher5 {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -584,6 +674,26 @@ pub async fn stream_messages(js: &jetstream::Context, stream: &str) -> Vec<Strea
                 .map(|v| v.to_string()),
             body: serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
         });
+    }
+    out
+}
+
+/// Every record in `TELEMETRY_DLQ`, in order, each checked to be on its reason's subject.
+pub async fn dlq_records(js: &jetstream::Context) -> Vec<serde_json::Value> {
+    let mut s = js.get_stream("TELEMETRY_DLQ").await.unwrap();
+    let state = s.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let m = s.get_raw_message(seq).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(
+            m.subject.as_str(),
+            format!("telemetry.dlq.{}", v["reason"].as_str().unwrap())
+        );
+        out.push(v);
     }
     out
 }

@@ -150,6 +150,10 @@ pub struct Reading {
     pub source: Source,
     pub mqtt_topic: Option<String>,
     pub client_id: Option<String>,
+    /// MQTT 5 publish properties as a JSON object
+    /// ([`crate::properties::Properties::to_json`]); `None` when there were none.
+    /// Stored as `mqtt_properties` and spliced into the envelope as `properties`.
+    pub properties: Option<Bytes>,
 }
 
 impl Reading {
@@ -180,6 +184,7 @@ impl Reading {
             source,
             mqtt_topic,
             client_id,
+            properties: None,
         }
     }
 

@@ -13,9 +13,9 @@ use crate::reading::Reading;
 /// The columns, in encoding order. Identifiers are constants, never input.
 pub const COLUMNS: &str = "id, tenant_id, device_id, payload, payload_size_bytes, correlation_id, \
      sequence_number, total_chunks, device_timestamp, received_at, ingestion_source, mqtt_topic, client_id, \
-     content_sha256";
+     content_sha256, mqtt_properties";
 
-const FIELDS: i16 = 14;
+const FIELDS: i16 = 15;
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -52,9 +52,7 @@ pub fn row(out: &mut BytesMut, r: &Reading, digest: &[u8; 32]) {
     bytes_field(out, r.tenant_id.as_bytes());
     bytes_field(out, r.device_id.as_bytes());
     // jsonb: version byte, then the JSON text (validated by reading::check_payload).
-    len(out, r.payload.len() + 1);
-    out.put_u8(JSONB_VERSION);
-    out.put_slice(&r.payload);
+    jsonb(out, Some(&r.payload));
     int4(out, Some(r.payload_size_bytes));
     text(out, r.correlation_id.as_deref());
     int4(out, r.sequence_number);
@@ -65,6 +63,18 @@ pub fn row(out: &mut BytesMut, r: &Reading, digest: &[u8; 32]) {
     text(out, r.mqtt_topic.as_deref());
     text(out, r.client_id.as_deref());
     bytes_field(out, digest);
+    jsonb(out, r.properties.as_deref());
+}
+
+fn jsonb(out: &mut BytesMut, json: Option<&[u8]>) {
+    match json {
+        Some(j) => {
+            len(out, j.len() + 1);
+            out.put_u8(JSONB_VERSION);
+            out.put_slice(j);
+        }
+        None => null(out),
+    }
 }
 
 fn len(out: &mut BytesMut, n: usize) {

@@ -56,6 +56,10 @@ fn letter(r: &Reading, reason: DlqReason, why: String) -> DeadLetter {
         r.payload.clone(),
     );
     letter.message_id = Some(r.message_id);
+    letter.properties = r
+        .properties
+        .as_deref()
+        .and_then(|p| serde_json::from_slice(p).ok());
     letter
 }
 
@@ -79,6 +83,7 @@ fn as_stored(r: &Reading, context: &StoredContext) -> Reading {
     stored.source = context.source.unwrap_or(r.source);
     stored.mqtt_topic.clone_from(&context.mqtt_topic);
     stored.client_id.clone_from(&context.client_id);
+    stored.properties = context.properties.clone().map(Bytes::from);
     stored
 }
 

@@ -27,13 +27,13 @@ const STAGING_CREATE: &str = "CREATE TEMP TABLE argus_raw_staging (\
      id uuid, tenant_id uuid, device_id uuid, payload jsonb, payload_size_bytes int4, \
      correlation_id text, sequence_number int4, total_chunks int4, device_timestamp timestamptz, \
      received_at timestamptz, ingestion_source text, mqtt_topic text, client_id text, \
-     content_sha256 bytea) ON COMMIT DROP";
+     content_sha256 bytea, mqtt_properties jsonb) ON COMMIT DROP";
 
 /// For the staged rows that were not inserted: what the stored row holds, and
 /// whether its payload equals the staged one as `jsonb` (key order and whitespace
 /// aside), which makes a re-encoded copy a duplicate rather than a conflict.
 const STAGING_EXISTING: &str = "SELECT s.id, t.content_sha256, t.payload = s.payload AS same, \
-     t.received_at, t.ingestion_source, t.mqtt_topic, t.client_id \
+     t.received_at, t.ingestion_source, t.mqtt_topic, t.client_id, t.mqtt_properties::text \
      FROM argus_raw_staging s JOIN telemetry_raw t ON t.id = s.id \
      WHERE NOT (s.id = ANY($1::uuid[]))";
 
@@ -130,6 +130,8 @@ pub(super) struct StoredContext {
     pub(super) source: Option<Source>,
     pub(super) mqtt_topic: Option<String>,
     pub(super) client_id: Option<String>,
+    /// `mqtt_properties` as Postgres prints it (the same JSON, normalised).
+    pub(super) properties: Option<String>,
 }
 
 /// What a stored row holds, for an id that was there already.
@@ -362,6 +364,7 @@ async fn copy_staged(
                     source: source.as_deref().and_then(Source::parse),
                     mqtt_topic: row.get(5),
                     client_id: row.get(6),
+                    properties: row.get(7),
                 },
             },
         );
