@@ -8,14 +8,27 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use argus_bridge::config::MqttVersion;
 use chrono::{DateTime, Utc};
 use common::*;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_publish_lands_once_with_every_field() {
+    lands_once_with_every_field(MqttVersion::V5).await;
+}
+
+/// The same with the bridge on MQTT 3.1.1 (`--mqtt-version 3.1.1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_mqtt_3_1_1_a_publish_lands_once_with_every_field() {
+    lands_once_with_every_field(MqttVersion::V311).await;
+}
+
+async fn lands_once_with_every_field(version: MqttVersion) {
     let stack = Stack::start(false).await;
-    let bridge = stack.bridge_in_process(0).await;
+    let mut config = stack.bridge_config(0);
+    config.mqtt.version = version;
+    let bridge = stack.bridge_in_process_with(config).await;
 
     let device = DEMO_DEVICE_ID;
     let topic = telemetry_topic(device);
@@ -75,6 +88,18 @@ async fn mtls_publish_lands_once_with_every_field() {
     assert!(
         client_id == "bridge-0-0" || client_id == "bridge-0-1",
         "client_id is the receiving connection: {client_id}"
+    );
+
+    // The broker saw the bridge's connections speak `version` (Mosquitto logs the
+    // protocol as p2 for 3.1.1, p5 for 5).
+    let log = std::fs::read_to_string(stack.mq.dir().join("mosquitto.log")).unwrap();
+    let level = match version {
+        MqttVersion::V5 => "p5",
+        MqttVersion::V311 => "p2",
+    };
+    assert!(
+        log.contains(&format!("as {client_id} ({level}, c0")),
+        "{client_id} did not connect with {level}:\n{log}"
     );
 
     let msgs = stream_messages(&stack.js().await, "TELEMETRY_RAW_V1").await;

@@ -2,8 +2,9 @@
 //! reach `telemetry_raw.mqtt_properties` and the envelope's `properties`; chunk
 //! fields sent as user properties fill in the payload's, and a disagreement is
 //! dead-lettered as `chunk_conflict`; properties past their bounds are
-//! dead-lettered as `invalid_properties`; a redelivery with other properties is
-//! a duplicate, republished with the stored row's.
+//! dead-lettered as `invalid_properties`; payload format indicator 1 on bytes
+//! that are not UTF-8 is dead-lettered as `not_utf8`; a redelivery with other
+//! properties is a duplicate, republished with the stored row's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -85,18 +86,30 @@ async fn publish_properties_reach_both_stores_and_bad_ones_end_in_the_dlq() {
     device
         .publish(&topic, plain, PublishProperties::default())
         .await;
-    device.wait_acked(5, Duration::from_secs(20)).await;
+    // 6. Payload format indicator 1 (UTF-8) on bytes that are not UTF-8.
+    let not_utf8: &[u8] = b"{\"v\":\"\xff\xfe\"}";
+    device
+        .publish(
+            &topic,
+            not_utf8.to_vec(),
+            PublishProperties {
+                payload_format_indicator: Some(1),
+                ..PublishProperties::default()
+            },
+        )
+        .await;
+    device.wait_acked(6, Duration::from_secs(20)).await;
     let js = stack.js().await;
     let db = stack.db().await;
     wait_stored(&stack, 3, Duration::from_secs(20)).await;
-    // 6. The first reading again, once it is stored, with other properties: a
+    // 7. The first reading again, once it is stored, with other properties: a
     //    duplicate (counted by the sink), which changes neither store.
     let metrics = || argus_bridge::server::prometheus_handle().render();
     let skipped = metric_sum(&metrics(), "argus_sink_duplicates_skipped_total");
     device
         .publish(&topic, with_all, user(&[("site", "elsewhere")]))
         .await;
-    device.wait_acked(6, Duration::from_secs(20)).await;
+    device.wait_acked(7, Duration::from_secs(20)).await;
     wait_for("the duplicate", Duration::from_secs(20), || {
         metric_sum(&metrics(), "argus_sink_duplicates_skipped_total") > skipped
     })
@@ -106,9 +119,10 @@ async fn publish_properties_reach_both_stores_and_bad_ones_end_in_the_dlq() {
         dead = [
             letters(&js, "chunk_conflict").await,
             letters(&js, "invalid_properties").await,
+            letters(&js, "not_utf8").await,
         ]
         .concat();
-        if dead.len() >= 2 {
+        if dead.len() >= 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -196,6 +210,13 @@ async fn publish_properties_reach_both_stores_and_bad_ones_end_in_the_dlq() {
         .unwrap()
         .contains("33 user properties"));
     assert!(invalid[0].get("properties").is_none());
+    let bad_utf8: Vec<_> = dead.iter().filter(|l| l["reason"] == "not_utf8").collect();
+    assert_eq!(bad_utf8.len(), 1, "{dead:?}");
+    assert_eq!(
+        bad_utf8[0]["properties"],
+        serde_json::json!({"payloadFormatIndicator": 1})
+    );
+    assert!(bad_utf8[0]["payloadBase64"].is_string());
 
     bridge.shutdown.cancel();
     bridge.task.await.unwrap().unwrap();

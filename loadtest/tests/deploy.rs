@@ -211,6 +211,43 @@ fn emqx_config_has_every_security_setting() {
     );
 }
 
+/// The EMQX zone keeps to the bridge's MQTT 5 flow control: `mqtt.max_inflight` is
+/// the Receive Maximum the compose file gives the bridge (EMQX uses the smaller of the
+/// two), and the bridge asks for sessions that never expire.
+#[test]
+fn emqx_inflight_window_matches_the_bridge_receive_maximum() {
+    let conf = std::fs::read_to_string(repo().join("compose/emqx/emqx.conf")).unwrap();
+    let setting = |name: &str| {
+        conf.lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim()
+                    .strip_prefix('=')
+                    .map(str::trim)
+            })
+            .unwrap_or_else(|| panic!("emqx.conf lacks `{name}`"))
+            .to_string()
+    };
+    let compose = std::fs::read_to_string(repo().join("compose/docker-compose.yml")).unwrap();
+    let env = |name: &str| {
+        compose
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("docker-compose.yml does not set {name}"))
+    };
+    assert_eq!(env("ARGUS_BRIDGE_MQTT_VERSION"), "5");
+    assert_eq!(
+        setting("max_inflight"),
+        env("ARGUS_BRIDGE_MAX_INFLIGHT"),
+        "EMQX's max_inflight caps the bridge's Receive Maximum"
+    );
+    assert_eq!(env("ARGUS_BRIDGE_SESSION_EXPIRY"), "never");
+    // Re-sends of unacknowledged messages stay (the bridge skips their DUP copies).
+    assert_eq!(setting("retry_interval"), "30s");
+}
+
 /// Every `argus_*` metric name in the dashboard and the Prometheus config.
 fn queried_metrics() -> BTreeSet<String> {
     let dashboard =

@@ -249,9 +249,13 @@ impl Stack {
 
     /// Starts a bridge in this process and waits until it is ready.
     pub async fn bridge_in_process(&self, replica: u32) -> app::Running {
-        let running = app::start(self.bridge_config(replica))
+        self.bridge_in_process_with(self.bridge_config(replica))
             .await
-            .expect("bridge");
+    }
+
+    /// [`Stack::bridge_in_process`] with a configuration the test adjusted.
+    pub async fn bridge_in_process_with(&self, config: Config) -> app::Running {
+        let running = app::start(config).await.expect("bridge");
         wait_ready(running.metrics_addr.port(), Duration::from_secs(20)).await;
         running
     }
