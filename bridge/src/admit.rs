@@ -56,7 +56,7 @@ impl Admit {
             .properties
             .as_deref()
             .filter(|_| reject.reason != DlqReason::InvalidProperties)
-            .and_then(|p| serde_json::from_slice(&p.to_json()).ok());
+            .map(|p| p.to_value());
         let mut letter = DeadLetter::new(
             reject,
             Some(msg.topic),

@@ -192,6 +192,12 @@ impl Properties {
     /// The JSON object stored in `telemetry_raw.mqtt_properties` and spliced
     /// into the envelope as `properties`.
     pub fn to_json(&self) -> Bytes {
+        // Serialising a map of strings and numbers cannot fail.
+        Bytes::from(serde_json::to_vec(&self.to_value()).unwrap_or_default())
+    }
+
+    /// [`Properties::to_json`] as a value (a dead letter's `properties`).
+    pub fn to_value(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         if let Some(c) = &self.content_type {
             m.insert("contentType".into(), c.clone().into());
@@ -216,8 +222,7 @@ impl Properties {
                 .collect();
             m.insert("userProperties".into(), serde_json::Value::Array(pairs));
         }
-        // Serialising a map of strings and numbers cannot fail.
-        Bytes::from(serde_json::to_vec(&m).unwrap_or_default())
+        serde_json::Value::Object(m)
     }
 }
 

@@ -35,7 +35,6 @@ pub async fn run_connection<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let client_id: Arc<str> = opts.client_id().into();
-    let version = opts.version();
     let subscription = cfg.subscription();
     let (client, mut eventloop) = opts.connect(request_capacity(cfg.max_inflight));
     let epoch = Arc::new(Epoch::new());
@@ -93,7 +92,7 @@ pub async fn run_connection<H: Handler>(
                     up = true;
                     metrics::mqtt_connected(conn, true);
                 }
-                info!(client_id = %client_id, mqtt_version = ?version, session_present, epoch = current_epoch, "Connected to the broker.");
+                info!(client_id = %client_id, mqtt_version = ?cfg.version, session_present, epoch = current_epoch, "Connected to the broker.");
                 // Subscribe after every ConnAck: required when the session is
                 // new, harmless when it was resumed.
                 if let Err(e) = client.try_subscribe(subscription.clone()) {
@@ -129,7 +128,7 @@ pub async fn run_connection<H: Handler>(
                     metrics::left_to_broker();
                     continue;
                 }
-                if version == MqttVersion::V5
+                if cfg.version == MqttVersion::V5
                     && publish.qos != QoS::AtMostOnce
                     && epoch.over_window(current_epoch, cfg.max_inflight)
                 {

@@ -22,8 +22,6 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode}
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::{Outgoing, Publish, QoS};
 
-use crate::config::MqttVersion;
-
 /// One publish as received, whichever the protocol.
 #[derive(Debug, Clone)]
 pub struct Inbound {
@@ -98,13 +96,6 @@ pub enum Options {
 }
 
 impl Options {
-    pub fn version(&self) -> MqttVersion {
-        match self {
-            Options::V311(_) => MqttVersion::V311,
-            Options::V5(_) => MqttVersion::V5,
-        }
-    }
-
     pub fn client_id(&self) -> String {
         match self {
             Options::V311(o) => o.client_id(),
