@@ -46,6 +46,8 @@ pub struct AckTracker {
     pub resent: u64,
     /// PUBACKs for a packet id that carried nothing in this session.
     pub stray_acks: u64,
+    /// Messages an MQTT 5 broker refused in its PUBACK: they end up unacked.
+    pub refused: u64,
     /// PUBACKs for a message already acked (a resend the broker had acknowledged before).
     pub duplicate_acks: u64,
 }
@@ -97,6 +99,15 @@ impl AckTracker {
         } else {
             self.duplicate_acks += 1;
             None
+        }
+    }
+
+    /// The broker refused `pkid` (an MQTT 5 PUBACK with a failure reason code):
+    /// the message is neither acked nor published again, so it ends up unacked.
+    pub fn on_refused(&mut self, pkid: u16) {
+        match self.by_pkid.remove(&pkid) {
+            Some(_) => self.refused += 1,
+            None => self.stray_acks += 1,
         }
     }
 
@@ -167,6 +178,26 @@ mod tests {
         assert_eq!(t.on_puback(3), Some(m(2)));
         assert_eq!(t.outstanding(), 0);
         assert_eq!(t.take_acked(), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn a_refused_publish_is_neither_acked_nor_sent_again() {
+        let mut t = AckTracker::default();
+        for s in 0..2 {
+            t.queued(m(s));
+        }
+        t.on_publish(1);
+        t.on_publish(2);
+        t.on_refused(1);
+        assert_eq!(t.on_puback(2), Some(m(1)));
+        assert_eq!((t.refused, t.outstanding()), (1, 0));
+        t.new_session();
+        assert_eq!(
+            t.next_resend(),
+            None,
+            "a refused message is not published again"
+        );
+        assert_eq!(t.take_acked(), vec![1]);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use argus_pipeline::flags::MqttVersion;
 use async_nats::jetstream;
 use futures::future::join_all;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
@@ -34,7 +35,7 @@ use crate::collect;
 use crate::devices::{self, Device};
 use crate::mqtt::{self, Plan, Target};
 use crate::pacing::Rate;
-use crate::payload::{mqtt_payload, now_ns};
+use crate::payload::{mqtt_payload, now_ns, PropertiesMode};
 use crate::report::{round1, Machine};
 
 #[derive(Debug, Clone, Serialize)]
@@ -382,8 +383,9 @@ async fn broker_rate(
     };
     // The subscriber: counts this run's messages, remembers the last arrival.
     let received = Arc::new(Mutex::new((0u64, 0u64)));
+    let sub_id = format!("loadtest-{run_id}-sub");
     let (client, mut el) = AsyncClient::new(
-        target.options(&format!("loadtest-{run_id}-sub"), sub_dev, 1000),
+        crate::device_client::v311_options(target.settings(&sub_id, sub_dev, 1000)),
         1000,
     );
     client
@@ -419,6 +421,8 @@ async fn broker_rate(
         duration: None,
         devices_per_connection: 1,
         inflight: 100,
+        mqtt_version: MqttVersion::V311,
+        properties: PropertiesMode::None,
         ack_timeout: Duration::from_secs(30),
     };
     let start = now_ns();
@@ -504,6 +508,8 @@ pub async fn run(args: &BaselineArgs) -> anyhow::Result<BaselineReport> {
                 count: args.count,
                 duration: None,
                 inflight: 100,
+                mqtt_version: MqttVersion::V311,
+                properties: PropertiesMode::None,
             })
             .await?;
             (

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use argus_pipeline::flags::MqttVersion;
+
 use crate::pacing::{parse_duration, Rate};
+use crate::payload::PropertiesMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -124,9 +127,21 @@ pub struct MqttArgs {
     /// Publish for this long instead of --count messages.
     #[arg(long, env = "ARGUS_LOADTEST_DURATION", value_parser = duration)]
     pub duration: Option<Duration>,
-    /// QoS 1 messages in flight per connection.
+    /// QoS 1 messages in flight per connection. With MQTT 5 the broker's Receive
+    /// Maximum may lower it.
     #[arg(long, env = "ARGUS_LOADTEST_INFLIGHT", default_value_t = 100)]
     pub inflight: u16,
+    /// The devices' MQTT version. 3.1.1 by default, as in the figures of
+    /// docs/benchmarks.md taken before the bridge spoke MQTT 5.
+    #[arg(long, env = "ARGUS_LOADTEST_MQTT_VERSION", value_enum, default_value_t = MqttVersion::V311)]
+    pub mqtt_version: MqttVersion,
+    /// MQTT 5 publish properties to send with every message, checked in both
+    /// stores: `user` (content type, payload format indicator, correlation data,
+    /// user properties) or `chunked` (`user` plus the chunked gateway's
+    /// correlationId, sequenceNumber and totalChunks as user properties). Needs
+    /// --mqtt-version 5.
+    #[arg(long, env = "ARGUS_LOADTEST_PROPERTIES", value_enum, default_value_t = PropertiesMode::None)]
+    pub properties: PropertiesMode,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -179,6 +194,17 @@ pub struct RampArgs {
     pub devices: usize,
     #[arg(long, env = "ARGUS_LOADTEST_INFLIGHT", default_value_t = 100)]
     pub inflight: u16,
+    /// The devices' MQTT version; a list (`5,3.1.1`) runs every step once per
+    /// version, one after the other, and reports the highest sustainable rate of
+    /// each: a comparison on the same machine in the same run.
+    #[arg(
+        long,
+        env = "ARGUS_LOADTEST_MQTT_VERSION",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "3.1.1"
+    )]
+    pub mqtt_version: Vec<MqttVersion>,
     /// Rates to try, in order (msg/s).
     #[arg(
         long,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::accounting::Counts;
 use crate::latency::Latencies;
-use crate::payload::{find_marker_in_record, now_ns};
+use crate::payload::{find_in_record, now_ns};
 
 /// Raw stream subject prefix (`telemetry.raw.v1.<deviceId>`) and the dead-letter
 /// subjects (`telemetry.dlq.<reason>`), from the topology in `argus-schema`.
@@ -35,6 +35,8 @@ pub struct Seen {
     pub counts: Counts,
     pub latencies: Option<Latencies>,
     pub last_seen_ns: u64,
+    /// Messages of the run (first copies) whose record carries `properties`.
+    pub with_properties: u64,
 }
 
 pub type SharedSeen = Arc<Mutex<Seen>>;
@@ -145,9 +147,10 @@ pub async fn spawn_collector(
                         last = info.stream_sequence;
                     }
                     let at = now_ns();
-                    let Some(marker) = find_marker_in_record(&msg.payload, &run_id) else {
+                    let Some(found) = find_in_record(&msg.payload, &run_id) else {
                         continue;
                     };
+                    let marker = found.marker;
                     let Some(seen) = seen.upgrade() else {
                         return;
                     };
@@ -157,6 +160,9 @@ pub async fn spawn_collector(
                     *n += 1;
                     let first = *n == 1;
                     if first {
+                        if found.has_properties {
+                            g.with_properties += 1;
+                        }
                         if let Some(l) = g.latencies.as_mut() {
                             l.record(marker.sent_at_ns, at);
                         }
@@ -209,6 +215,28 @@ pub async fn postgres_counts(
         }
     }
     Ok(out)
+}
+
+/// Rows of the run that carry MQTT 5 properties: (`mqtt_properties` set, all
+/// three chunk columns set).
+pub async fn postgres_properties(
+    pg: &tokio_postgres::Client,
+    devices: &[Uuid],
+    run_id: &str,
+) -> anyhow::Result<(u64, u64)> {
+    let row = pg
+        .query_one(
+            "SELECT count(*) FILTER (WHERE mqtt_properties IS NOT NULL)::int8, \
+                    count(*) FILTER (WHERE correlation_id IS NOT NULL \
+                      AND sequence_number IS NOT NULL AND total_chunks IS NOT NULL)::int8 \
+             FROM telemetry_raw \
+             WHERE device_id = ANY($1) AND payload->>'runId' = $2",
+            &[&devices, &run_id],
+        )
+        .await
+        .context("counting the run's rows with properties")?;
+    let (props, chunks): (i64, i64) = (row.get(0), row.get(1));
+    Ok((props as u64, chunks as u64))
 }
 
 /// Rows per second written for the run: row count over the span of `created_at` (the commit

@@ -3,9 +3,12 @@
 use anyhow::Context;
 use serde_json::json;
 
+use argus_pipeline::flags::MqttVersion;
+
 use crate::cli::{MqttArgs, MqttConn};
 use crate::devices;
 use crate::mqtt::{self, Plan, Target};
+use crate::payload::PropertiesMode;
 use crate::report::Report;
 use crate::run::{new_run_id, Harness, Sent};
 
@@ -32,6 +35,11 @@ pub async fn mqtt(args: &MqttArgs) -> anyhow::Result<Report> {
         "--devices: at least one device is needed"
     );
     anyhow::ensure!(args.inflight > 0, "--inflight must be at least 1");
+    anyhow::ensure!(
+        args.properties == PropertiesMode::None || args.mqtt_version == MqttVersion::V5,
+        "--properties {:?} needs --mqtt-version 5: MQTT 3.1.1 has no publish properties",
+        args.properties
+    );
     let target = target(&args.mqtt)?;
     let run_id = args.common.run_id.clone().unwrap_or_else(new_run_id);
     let mut h = Harness::connect(&args.common, run_id.clone(), "bridge-").await?;
@@ -57,6 +65,8 @@ pub async fn mqtt(args: &MqttArgs) -> anyhow::Result<Report> {
         duration: args.duration,
         devices_per_connection: args.devices_per_connection.max(1),
         inflight: args.inflight,
+        mqtt_version: args.mqtt_version,
+        properties: args.properties,
         ack_timeout: args.common.settle.max(std::time::Duration::from_secs(5)),
     };
     let config = json!({
@@ -69,10 +79,13 @@ pub async fn mqtt(args: &MqttArgs) -> anyhow::Result<Report> {
         "count": plan.count,
         "duration_s": args.duration.map(|d| d.as_secs_f64()),
         "inflight": args.inflight,
+        "mqtt_version": args.mqtt_version.to_string(),
+        "properties": args.properties,
         "settle_s": args.common.settle.as_secs_f64(),
     });
     let progress = h.progress(plan.count);
     let start_ns = h.start_ns;
+    let device_ids = h.device_ids.clone();
     let mut report = h
         .measure("mqtt", config, async {
             let p = mqtt::publish(&target, &devs, &plan, progress.clone(), start_ns).await?;
@@ -90,6 +103,16 @@ pub async fn mqtt(args: &MqttArgs) -> anyhow::Result<Report> {
             })
         })
         .await?;
+    if args.properties != PropertiesMode::None {
+        let (persisted, chunked) =
+            crate::collect::postgres_properties(&h.pg, &device_ids, &run_id).await?;
+        report.check_properties(
+            args.properties,
+            h.published_with_properties(),
+            persisted,
+            chunked,
+        );
+    }
     if plan.devices_per_connection > 1 {
         report.notes.push(
             "--devices-per-connection > 1: devices share the first device's certificate; the stock ACL refuses their publishes (counted lost)".into(),

@@ -28,6 +28,7 @@ pub mod baseline;
 pub mod cli;
 pub mod collect;
 pub mod commands;
+pub mod device_client;
 pub mod devices;
 pub mod http;
 pub mod latency;

@@ -1,10 +1,13 @@
 //! The MQTT publisher: simulated devices over mTLS, QoS 1, one rumqttc connection per group
-//! of `--devices-per-connection` devices, every PUBACK counted by packet id.
+//! of `--devices-per-connection` devices, every PUBACK counted by packet id. The devices
+//! speak MQTT 3.1.1 or 5 (`--mqtt-version`, [`crate::device_client`]); with 5 they may send
+//! publish properties (`--properties`).
 //!
 //! Packet ids are matched to sequence numbers in order ([`crate::acks`]): each connection
 //! has one publisher, rumqttc turns requests into `Outgoing::Publish(pkid)` events in request
 //! order, so a FIFO of the handed-over messages maps each pkid to its message, and
-//! `PubAck(pkid)` marks it acked.
+//! `PubAck(pkid)` marks it acked. An MQTT 5 PUBACK with a failure reason code (the broker's
+//! ACL refused the publish) leaves its message unacked and is named in the report's notes.
 //!
 //! A connection that is lost after it was established (a broker restart, a network fault) is
 //! made again with a short backoff, and every message not acknowledged yet is published again
@@ -16,24 +19,24 @@
 //! `--devices-per-connection` > 1 publishes for several devices with the *first* device's
 //! certificate. The stock broker ACL (`pattern write devices/%u/telemetry`) refuses that, and
 //! Mosquitto still PUBACKs refused QoS 1 publishes, so those messages show up as lost: use
-//! it only with a permissive ACL.
+//! it only with a permissive ACL. With MQTT 5 Mosquitto answers those publishes with
+//! `NotAuthorized`, and they are reported unacked instead.
 
 use argus_pipeline::backoff::Backoff;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use argus_pipeline::flags::MqttVersion;
 use indicatif::ProgressBar;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
 
 use crate::acks::{AckTracker, Msg};
+use crate::device_client::{Event, EventLoop, Options, Settings};
 
 use crate::devices::Device;
 use crate::latency::Latencies;
 use crate::pacing::{Pacer, Rate};
-use crate::payload::{mqtt_payload, now_ns};
+use crate::payload::{mqtt_payload, mqtt_properties, now_ns, PropertiesMode};
 use crate::stop::{stop_pair, StopHandle};
 
 /// Where to connect: `mqtts://host:port` (mTLS) or `mqtt://host:port`.
@@ -73,26 +76,36 @@ impl Target {
         })
     }
 
-    pub fn options(&self, client_id: &str, device: &Device, inflight: u16) -> MqttOptions {
-        let mut o = MqttOptions::new(client_id, &self.host, self.port);
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_clean_session(true);
-        o.set_inflight(inflight.max(1));
-        // Bounded: a full inflight window stops the event loop reading requests, and this
-        // channel then pushes back on the publisher.
-        o.set_request_channel_capacity(usize::from(inflight.max(1)));
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        if let Some(ca) = &self.ca_pem {
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-                ca: ca.clone(),
-                alpn: None,
-                client_auth: Some((
+    pub fn options(
+        &self,
+        version: MqttVersion,
+        client_id: &str,
+        device: &Device,
+        inflight: u16,
+    ) -> Options {
+        Options::new(version, self.settings(client_id, device, inflight))
+    }
+
+    /// How `device` connects here as `client_id`.
+    pub fn settings<'a>(
+        &'a self,
+        client_id: &'a str,
+        device: &Device,
+        inflight: u16,
+    ) -> Settings<'a> {
+        Settings {
+            client_id,
+            host: &self.host,
+            port: self.port,
+            tls: self.ca_pem.as_ref().map(|ca| {
+                (
+                    ca.clone(),
                     device.cert_pem.clone().into_bytes(),
                     device.key_pem.clone().into_bytes(),
-                )),
-            }));
+                )
+            }),
+            inflight,
         }
-        o
     }
 }
 
@@ -107,6 +120,9 @@ pub struct Plan {
     pub duration: Option<Duration>,
     pub devices_per_connection: usize,
     pub inflight: u16,
+    pub mqtt_version: MqttVersion,
+    /// Publish properties (MQTT 5 only).
+    pub properties: PropertiesMode,
     /// How long to wait for the last PUBACKs after the last publish; also how long a lost
     /// connection keeps trying to reconnect before it gives up.
     pub ack_timeout: Duration,
@@ -248,9 +264,10 @@ async fn run_connection(
         note: None,
     };
     let client_id = format!("loadtest-{}-{idx}", plan.run_id);
-    let opts = target.options(&client_id, &devices[0], plan.inflight);
+    let opts = target.options(plan.mqtt_version, &client_id, &devices[0], plan.inflight);
     let tracker = Arc::new(Mutex::new(AckTracker::default()));
     let latency = Arc::new(Mutex::new(Latencies::new(start_ns)));
+    let refused_reason: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let mut gen = Generator {
         idx: idx as u64,
         n_conns: n_conns as u64,
@@ -277,6 +294,7 @@ async fn run_connection(
             &mut ack_deadline,
             &tracker,
             &latency,
+            &refused_reason,
             &progress,
             &mut result,
         )
@@ -319,6 +337,17 @@ async fn run_connection(
         ));
     }
     let mut t = lock(&tracker);
+    if t.refused > 0 {
+        let why = lock(&refused_reason).clone().unwrap_or_default();
+        let note = format!(
+            "connection {idx}: the broker refused {} publish(es) ({why}): unacked",
+            t.refused
+        );
+        result.note = Some(match result.note.take() {
+            Some(n) => format!("{n}; {note}"),
+            None => note,
+        });
+    }
     result.sent = gen.k;
     result.acked = t.take_acked();
     result.resent = t.resent;
@@ -361,17 +390,18 @@ impl Generator {
 /// generating, wait for the PUBACKs. Returns how it ended and whether it got a CONNACK.
 #[allow(clippy::too_many_arguments)]
 async fn run_session(
-    opts: &MqttOptions,
+    opts: &Options,
     plan: &Plan,
     devices: &[Device],
     gen: &mut Generator,
     ack_deadline: &mut Option<Instant>,
     tracker: &Arc<Mutex<AckTracker>>,
     latency: &Arc<Mutex<Latencies>>,
+    refused_reason: &Arc<Mutex<Option<String>>>,
     progress: &ProgressBar,
     result: &mut ConnResult,
 ) -> (SessionEnd, bool) {
-    let (client, eventloop) = AsyncClient::new(opts.clone(), usize::from(plan.inflight.max(1)));
+    let (client, eventloop) = opts.connect(usize::from(plan.inflight.max(1)));
     let (dead_tx, dead) = stop_pair();
     let (conn_tx, connected) = stop_pair();
     let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
@@ -379,6 +409,7 @@ async fn run_session(
         eventloop,
         tracker.clone(),
         latency.clone(),
+        refused_reason.clone(),
         progress.clone(),
         conn_tx,
         dead_tx,
@@ -408,6 +439,8 @@ async fn run_session(
 
     let topic = |d: usize| format!("devices/{}/telemetry", devices[d].id);
     let payload = |m: &Msg| mqtt_payload(&plan.run_id, devices[m.device].id, m.seq, m.sent_ns);
+    let properties =
+        |m: &Msg| mqtt_properties(plan.properties, &plan.run_id, devices[m.device].id, m.seq);
     let mut alive = true;
 
     // What an earlier session left unacknowledged goes first, oldest first.
@@ -417,7 +450,7 @@ async fn run_session(
         };
         lock(tracker).queued(m);
         alive = tokio::select! {
-            r = client.publish(topic(m.device), QoS::AtLeastOnce, false, payload(&m)) => r.is_ok(),
+            r = client.publish(topic(m.device), payload(&m), properties(&m)) => r.is_ok(),
             _ = dead.stopped() => false,
         };
     }
@@ -449,7 +482,7 @@ async fn run_session(
         result.last_send_ns = m.sent_ns;
         gen.k += 1;
         alive = tokio::select! {
-            r = client.publish(topic(m.device), QoS::AtLeastOnce, false, payload(&m)) => r.is_ok(),
+            r = client.publish(topic(m.device), payload(&m), properties(&m)) => r.is_ok(),
             _ = dead.stopped() => false,
         };
     }
@@ -483,39 +516,45 @@ async fn run_session(
 }
 
 /// Drives one event loop until its connection ends; feeds the tracker.
+#[allow(clippy::too_many_arguments)]
 async fn poll_session(
     mut eventloop: EventLoop,
     tracker: Arc<Mutex<AckTracker>>,
     latency: Arc<Mutex<Latencies>>,
+    refused_reason: Arc<Mutex<Option<String>>>,
     progress: ProgressBar,
     conn_tx: StopHandle,
     dead_tx: StopHandle,
     error: Arc<Mutex<Option<String>>>,
 ) {
-    let on_event = |ev: &Event| match ev {
-        Event::Incoming(Packet::ConnAck(_)) => conn_tx.stop(),
-        Event::Outgoing(Outgoing::Publish(pkid)) => lock(&tracker).on_publish(*pkid),
-        Event::Outgoing(Outgoing::AwaitAck(pkid)) => lock(&tracker).on_await_ack(*pkid),
-        Event::Incoming(Packet::PubAck(ack)) => {
+    let on_event = |ev: Event| match ev {
+        Event::ConnAck => conn_tx.stop(),
+        Event::Published(pkid) => lock(&tracker).on_publish(pkid),
+        Event::AwaitAck(pkid) => lock(&tracker).on_await_ack(pkid),
+        Event::PubAck(pkid) => {
             let now = now_ns();
-            let first = lock(&tracker).on_puback(ack.pkid);
+            let first = lock(&tracker).on_puback(pkid);
             if let Some(m) = first {
                 lock(&latency).record(m.sent_ns, now);
                 progress.inc(1);
             }
         }
-        _ => {}
+        Event::Refused { pkid, reason } => {
+            lock(&tracker).on_refused(pkid);
+            lock(&refused_reason).get_or_insert(reason);
+        }
+        Event::Disconnected | Event::Other => {}
     };
     loop {
         match eventloop.poll().await {
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-            Ok(ev) => on_event(&ev),
+            Ok(Event::Disconnected) => break,
+            Ok(ev) => on_event(ev),
             Err(e) => {
                 // PUBACKs read in the same batch as the failure are real acknowledgements.
-                for ev in eventloop.state.events.drain(..) {
-                    on_event(&ev);
+                for ev in eventloop.drain() {
+                    on_event(ev);
                 }
-                *lock(&error) = Some(e.to_string());
+                *lock(&error) = Some(e);
                 break;
             }
         }

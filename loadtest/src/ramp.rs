@@ -1,14 +1,20 @@
 //! `argus-loadtest ramp`: steps the MQTT rate up until a step is not sustainable, and reports
 //! the highest rate that was.
 //!
+//! With several `--mqtt-version`s every step runs once per version, one after the other,
+//! so that the versions are compared on the same machine in the same run; a version stops
+//! at its first step that is not sustainable, and the ramp ends when every version has.
+//!
 //! A step is sustainable when nothing was lost, duplicated or left unacked, its p95
 //! (publish -> JetStream delivery) is within `--p95-bound-ms`, and the publishers achieved at
 //! least 95 % of the asked rate (otherwise the broker or bridge pushed back: saturation).
 
+use argus_pipeline::flags::MqttVersion;
 use serde::Serialize;
 
 use crate::cli::{MqttArgs, RampArgs};
 use crate::pacing::Rate;
+use crate::payload::PropertiesMode;
 use crate::report::{Machine, Report};
 
 /// The share of the asked rate a step must achieve.
@@ -17,6 +23,7 @@ pub const MIN_ACHIEVED: f64 = 0.95;
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
     pub rate: f64,
+    pub mqtt_version: String,
     pub run_id: String,
     pub sent: u64,
     pub lost: u64,
@@ -52,12 +59,23 @@ pub struct RampReport {
     pub step_duration_s: f64,
     pub devices: usize,
     pub steps: Vec<Step>,
-    /// The highest asked rate whose step was sustainable.
+    /// The highest asked rate whose step was sustainable, of the first
+    /// `--mqtt-version` given.
     pub highest_sustainable_rate: Option<f64>,
     /// The end-to-end throughput measured at that step.
     pub highest_sustainable_throughput_msgs_per_s: Option<f64>,
+    /// The same, for each `--mqtt-version`, in the order given.
+    pub by_version: Vec<VersionResult>,
     /// Any loss in any step.
     pub lost: u64,
+}
+
+/// The ramp's result for one MQTT version.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionResult {
+    pub mqtt_version: String,
+    pub highest_sustainable_rate: Option<f64>,
+    pub highest_sustainable_throughput_msgs_per_s: Option<f64>,
 }
 
 /// Judges one step (pure, unit-tested).
@@ -92,10 +110,11 @@ pub fn judge(rate: f64, r: &Report, p95_bound_ms: f64) -> (bool, String) {
     (why.is_empty(), why.join("; "))
 }
 
-pub fn step_of(rate: f64, r: &Report, p95_bound_ms: f64) -> Step {
+pub fn step_of(rate: f64, version: MqttVersion, r: &Report, p95_bound_ms: f64) -> Step {
     let (sustainable, reason) = judge(rate, r, p95_bound_ms);
     Step {
         rate,
+        mqtt_version: version.to_string(),
         run_id: r.run_id.clone(),
         sent: r.accounting.sent,
         lost: r.accounting.lost,
@@ -128,47 +147,81 @@ pub async fn run(args: &RampArgs) -> anyhow::Result<RampReport> {
         .clone()
         .unwrap_or_else(crate::run::new_run_id);
     let started_at = chrono::Utc::now().to_rfc3339();
+    let mut versions: Vec<MqttVersion> = Vec::new();
+    for v in &args.mqtt_version {
+        if !versions.contains(v) {
+            versions.push(*v);
+        }
+    }
+    anyhow::ensure!(!versions.is_empty(), "--mqtt-version: at least one version");
+    let mut live = versions.clone();
     let mut steps = Vec::new();
     for (i, rate) in args.steps.iter().copied().enumerate() {
         anyhow::ensure!(rate > 0.0, "--steps: rates must be positive");
-        let mut common = args.common.clone();
-        common.run_id = Some(format!("{base}s{i}"));
-        common.json = None;
-        common.markdown = None;
-        common.plot = None;
-        let step_args = MqttArgs {
-            common,
-            mqtt: args.mqtt.clone(),
-            devices: args.devices,
-            unknown_devices: 0,
-            devices_per_connection: 1,
-            rate: Rate::PerSecond(rate),
-            count: 0,
-            duration: Some(args.step_duration),
-            inflight: args.inflight,
-        };
-        eprintln!("ramp: step {i}: {rate} msg/s for {:?}", args.step_duration);
-        let r = crate::commands::mqtt(&step_args).await?;
-        let step = step_of(rate, &r, args.p95_bound_ms);
-        eprintln!(
-            "ramp: step {i}: achieved {:.0} msg/s, e2e {:.0} msg/s, p95 {:.1} ms, lost {} -> {}",
-            step.publish_rate_msgs_per_s,
-            step.throughput_msgs_per_s,
-            step.p95_ms,
-            step.lost,
-            if step.sustainable {
-                "sustainable".to_string()
-            } else {
-                format!("NOT sustainable ({})", step.reason)
+        for version in live.clone() {
+            let tag = match version {
+                MqttVersion::V5 => "v5",
+                MqttVersion::V311 => "v311",
+            };
+            let mut common = args.common.clone();
+            common.run_id = Some(format!("{base}s{i}{tag}"));
+            common.json = None;
+            common.markdown = None;
+            common.plot = None;
+            let step_args = MqttArgs {
+                common,
+                mqtt: args.mqtt.clone(),
+                devices: args.devices,
+                unknown_devices: 0,
+                devices_per_connection: 1,
+                rate: Rate::PerSecond(rate),
+                count: 0,
+                duration: Some(args.step_duration),
+                inflight: args.inflight,
+                mqtt_version: version,
+                properties: PropertiesMode::None,
+            };
+            eprintln!(
+                "ramp: step {i}: {rate} msg/s for {:?} over MQTT {version}",
+                args.step_duration
+            );
+            let r = crate::commands::mqtt(&step_args).await?;
+            let step = step_of(rate, version, &r, args.p95_bound_ms);
+            eprintln!(
+                "ramp: step {i} (MQTT {version}): achieved {:.0} msg/s, e2e {:.0} msg/s, p95 {:.1} ms, lost {} -> {}",
+                step.publish_rate_msgs_per_s,
+                step.throughput_msgs_per_s,
+                step.p95_ms,
+                step.lost,
+                if step.sustainable {
+                    "sustainable".to_string()
+                } else {
+                    format!("NOT sustainable ({})", step.reason)
+                }
+            );
+            if !step.sustainable {
+                live.retain(|v| *v != version);
             }
-        );
-        let stop = !step.sustainable;
-        steps.push(step);
-        if stop {
+            steps.push(step);
+        }
+        if live.is_empty() {
             break;
         }
     }
-    let best = steps.iter().rev().find(|s| s.sustainable);
+    let by_version: Vec<VersionResult> = versions
+        .iter()
+        .map(|v| {
+            let best = steps
+                .iter()
+                .rev()
+                .find(|s| s.sustainable && s.mqtt_version == v.to_string());
+            VersionResult {
+                mqtt_version: v.to_string(),
+                highest_sustainable_rate: best.map(|s| s.rate),
+                highest_sustainable_throughput_msgs_per_s: best.map(|s| s.throughput_msgs_per_s),
+            }
+        })
+        .collect();
     Ok(RampReport {
         run_id: base,
         started_at,
@@ -177,8 +230,10 @@ pub async fn run(args: &RampArgs) -> anyhow::Result<RampReport> {
         p95_bound_ms: args.p95_bound_ms,
         step_duration_s: args.step_duration.as_secs_f64(),
         devices: args.devices,
-        highest_sustainable_rate: best.map(|s| s.rate),
-        highest_sustainable_throughput_msgs_per_s: best.map(|s| s.throughput_msgs_per_s),
+        highest_sustainable_rate: by_version[0].highest_sustainable_rate,
+        highest_sustainable_throughput_msgs_per_s: by_version[0]
+            .highest_sustainable_throughput_msgs_per_s,
+        by_version,
         lost: steps.iter().map(|s| s.lost).sum(),
         steps,
     })
@@ -188,7 +243,7 @@ impl RampReport {
     pub fn markdown(&self) -> String {
         let mut out = format!(
             "### argus-loadtest ramp `{}`\n\n- command: `{}`\n- date: {}\n- machine: {} CPUs ({}), {:.1} GiB RAM\n- p95 bound {} ms, {} s per step, {} devices\n\n\
-| asked msg/s | achieved msg/s | e2e msg/s | p50 ms | p95 ms | p99 ms | lost | bridge CPU % | bridge RSS MiB | machine CPU % (other) | busiest (CPU %) | sustainable |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+| MQTT | asked msg/s | achieved msg/s | e2e msg/s | p50 ms | p95 ms | p99 ms | lost | bridge CPU % | bridge RSS MiB | machine CPU % (other) | busiest (CPU %) | sustainable |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
             self.run_id,
             self.command,
             self.started_at,
@@ -207,7 +262,8 @@ impl RampReport {
                 opt(s.other_cpu_percent)
             );
             out.push_str(&format!(
-                "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+                s.mqtt_version,
                 s.rate,
                 s.publish_rate_msgs_per_s,
                 s.throughput_msgs_per_s,
@@ -226,16 +282,20 @@ impl RampReport {
                 }
             ));
         }
-        out.push_str(&format!(
-            "\nHighest sustainable rate: {}\n",
-            match (
-                self.highest_sustainable_rate,
-                self.highest_sustainable_throughput_msgs_per_s
-            ) {
-                (Some(r), Some(t)) => format!("{r} msg/s asked ({t:.0} msg/s end to end)"),
-                _ => "none of the steps".into(),
-            }
-        ));
+        out.push('\n');
+        for v in &self.by_version {
+            out.push_str(&format!(
+                "Highest sustainable rate, MQTT {}: {}\n",
+                v.mqtt_version,
+                match (
+                    v.highest_sustainable_rate,
+                    v.highest_sustainable_throughput_msgs_per_s
+                ) {
+                    (Some(r), Some(t)) => format!("{r} msg/s asked ({t:.0} msg/s end to end)"),
+                    _ => "none of the steps".into(),
+                }
+            ));
+        }
         out
     }
 }
@@ -280,6 +340,7 @@ mod tests {
             processes: vec![],
             system_cpu_percent: None,
             other_cpu_percent: None,
+            properties: None,
             errors: vec![],
             reconnects: 0,
             resent: 0,

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::accounting::Accounting;
 use crate::latency::{Percentiles, Window};
+use crate::payload::PropertiesMode;
 use crate::procstat::{GroupSummary, ProcSummary, SystemCpu};
 
 /// The machine the run happened on, for the benchmark document.
@@ -98,13 +99,78 @@ pub struct Report {
     /// MQTT: messages published again after a reconnect because their PUBACK had not come
     /// (the bridge's message ids make the copies no-ops; `duplicated` checks it).
     pub resent: u64,
+    /// With `--properties`: how many messages reached each store with them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub properties: Option<PropertiesCheck>,
     /// sent > 0, no sender errors, and lost == duplicated == unacked == 0.
     pub passed: bool,
     /// Human-readable notes (e.g. why CPU was not sampled).
     pub notes: Vec<String>,
 }
 
+/// Where the MQTT 5 publish properties of a `--properties` run arrived.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PropertiesCheck {
+    pub mode: PropertiesMode,
+    /// Messages in `TELEMETRY_RAW_V1` whose envelope has `properties`.
+    pub published_with_properties: u64,
+    /// Rows with `mqtt_properties` set.
+    pub persisted_with_properties: u64,
+    /// Rows with `correlation_id`, `sequence_number` and `total_chunks` set
+    /// (expected for every row with `chunked`).
+    pub persisted_with_chunk_fields: u64,
+}
+
 impl Report {
+    /// Records where the properties arrived; a message stored or published
+    /// without them is an error, which fails the run.
+    pub fn check_properties(
+        &mut self,
+        mode: PropertiesMode,
+        published_with_properties: u64,
+        persisted_with_properties: u64,
+        persisted_with_chunk_fields: u64,
+    ) {
+        let a = self.accounting;
+        let mut short = vec![
+            (
+                "published",
+                a.published,
+                published_with_properties,
+                "properties",
+            ),
+            (
+                "persisted",
+                a.persisted,
+                persisted_with_properties,
+                "mqtt_properties",
+            ),
+        ];
+        if mode == PropertiesMode::Chunked {
+            short.push((
+                "persisted",
+                a.persisted,
+                persisted_with_chunk_fields,
+                "chunk columns",
+            ));
+        }
+        for (store, all, with, what) in short {
+            if with < all {
+                self.errors.push(format!(
+                    "{} of {all} {store} messages lack their {what}",
+                    all - with
+                ));
+            }
+        }
+        self.properties = Some(PropertiesCheck {
+            mode,
+            published_with_properties,
+            persisted_with_properties,
+            persisted_with_chunk_fields,
+        });
+        self.finish();
+    }
+
     pub fn set_proc(&mut self, proc: Option<ProcSummary>) {
         if let Some(p) = proc {
             self.bridge_cpu_percent = Some(round1(p.cpu_percent_mean));
@@ -133,7 +199,7 @@ impl Report {
                 p.p50, p.p95, p.p99, p.max, p.count
             )
         };
-        vec![
+        let mut rows = vec![
             ("run", format!("{} ({})", self.run_id, self.mode)),
             ("sent", a.sent.to_string()),
             ("acked", a.acked.to_string()),
@@ -210,8 +276,21 @@ impl Report {
                 format!("{} / {}", self.reconnects, self.resent),
             ),
             ("settled after", format!("{:.2} s", self.settled_after_s)),
-            ("result", if self.passed { "PASS" } else { "FAIL" }.into()),
-        ]
+        ];
+        if let Some(p) = &self.properties {
+            rows.push((
+                "with properties",
+                format!(
+                    "{} published, {} persisted, {} with chunk columns (--properties {})",
+                    p.published_with_properties,
+                    p.persisted_with_properties,
+                    p.persisted_with_chunk_fields,
+                    format!("{:?}", p.mode).to_lowercase()
+                ),
+            ));
+        }
+        rows.push(("result", if self.passed { "PASS" } else { "FAIL" }.into()));
+        rows
     }
 
     pub fn table(&self) -> String {
@@ -378,12 +457,38 @@ mod tests {
             processes: vec![],
             system_cpu_percent: None,
             other_cpu_percent: None,
+            properties: None,
             errors: vec![],
             reconnects: 0,
             resent: 0,
             passed: false,
             notes: vec![],
         }
+    }
+
+    #[test]
+    fn a_message_stored_without_its_properties_fails_the_run() {
+        let mut r = sample_report();
+        r.check_properties(PropertiesMode::Chunked, 10, 10, 10);
+        assert!(r.passed, "{:?}", r.errors);
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["properties"]["mode"],
+            "chunked"
+        );
+        let mut r = sample_report();
+        r.check_properties(PropertiesMode::Chunked, 10, 10, 7);
+        assert!(!r.passed);
+        assert_eq!(
+            r.errors,
+            ["3 of 10 persisted messages lack their chunk columns"]
+        );
+        // Without chunks, the chunk columns are not expected.
+        let mut r = sample_report();
+        r.check_properties(PropertiesMode::User, 9, 10, 0);
+        assert_eq!(
+            r.errors,
+            ["1 of 10 published messages lack their properties"]
+        );
     }
 
     #[test]

@@ -125,6 +125,13 @@ impl Harness {
         pb
     }
 
+    /// Messages of the run in the raw stream whose envelope carries `properties`.
+    pub fn published_with_properties(&self) -> u64 {
+        self.raw.as_ref().map_or(0, |r| {
+            r.lock().unwrap_or_else(|e| e.into_inner()).with_properties
+        })
+    }
+
     /// Runs `senders` while sampling the bridge, then waits for stragglers and reports.
     pub async fn measure<F>(
         &mut self,
@@ -268,6 +275,7 @@ impl Harness {
             }),
             processes,
             system_cpu_percent,
+            properties: None,
             passed: false,
             notes,
         };

@@ -1,6 +1,7 @@
 //! A run whose messages cannot arrive: a private Mosquitto (mTLS) + NATS + Postgres and no
 //! bridge. The broker acks every message, nothing reaches the stores, so the load tester must
 //! report every acked message as lost and exit non-zero.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 
@@ -97,13 +98,15 @@ async fn baseline_measures_each_part_alone() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acked_messages_that_never_arrive_are_lost_and_the_exit_code_says_so() {
+/// With no bridge every acked message is lost; `version` is the devices' MQTT version.
+async fn acked_messages_that_never_arrive_are_lost(version: &str) {
     let e = env().await;
     let out_dir = tempfile::tempdir().unwrap();
     let json = out_dir.path().join("report.json");
     let status = loadtest(&e, "mqtt")
         .args([
+            "--mqtt-version",
+            version,
             "--devices",
             "3",
             "--count",
@@ -120,6 +123,7 @@ async fn acked_messages_that_never_arrive_are_lost_and_the_exit_code_says_so() {
     assert_eq!(status.code(), Some(1), "a run with losses must exit 1");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("report written")).unwrap();
+    assert_eq!(report["config"]["mqtt_version"], version, "{report:#}");
     assert_eq!(report["sent"], 150, "{report:#}");
     assert_eq!(report["acked"], 150, "{report:#}");
     assert_eq!(report["persisted"], 0);
@@ -127,6 +131,40 @@ async fn acked_messages_that_never_arrive_are_lost_and_the_exit_code_says_so() {
     assert_eq!(report["dead_lettered"], 0);
     assert_eq!(report["lost"], 150);
     assert_eq!(report["passed"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_that_never_arrive_are_lost_and_the_exit_code_says_so() {
+    acked_messages_that_never_arrive_are_lost("3.1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_5_devices_are_acked_and_counted_the_same_way() {
+    acked_messages_that_never_arrive_are_lost("5").await;
+}
+
+/// `--properties` with 3.1.1 devices is a setup error (exit 2) that names the fix,
+/// before any device is registered or connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_with_mqtt_3_1_1_are_refused_at_start() {
+    let e = env().await;
+    let out = loadtest(&e, "mqtt")
+        .args(["--properties", "user", "--count", "10"])
+        .output()
+        .expect("run argus-loadtest");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--mqtt-version 5"), "{stderr}");
+    let c = e.db.client().await;
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM devices WHERE name LIKE 'loadtest-%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "no device was registered");
 }
 
 /// A broker restart in the middle of the load: every device connection is dropped, comes

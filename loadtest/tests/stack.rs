@@ -35,12 +35,24 @@ fn read_json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).expect("report written")).expect("JSON report")
 }
 
+/// Runs `argus-loadtest <sub> <args> --json <tmp>`: its exit status and report.
+fn run(sub: &str, args: &[&str]) -> (std::process::ExitStatus, serde_json::Value) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let json = dir.path().join("r.json");
+    let status = loadtest(sub)
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .expect("run argus-loadtest");
+    (status, read_json(&json))
+}
+
 #[test]
 fn a_short_mqtt_run_through_the_stack_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.json");
-    let status = loadtest("mqtt")
-        .args([
+    let (status, r) = run(
+        "mqtt",
+        &[
             "--devices",
             "5",
             "--count",
@@ -49,12 +61,8 @@ fn a_short_mqtt_run_through_the_stack_loses_nothing() {
             "500",
             "--settle",
             "30s",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .status()
-        .expect("run argus-loadtest");
-    let r = read_json(&json);
+        ],
+    );
     assert!(status.success(), "exit {status:?}: {r:#}");
     for f in [
         "sent",
@@ -85,18 +93,56 @@ fn a_short_mqtt_run_through_the_stack_loses_nothing() {
     assert!(r["throughput_msgs_per_s"].as_f64().unwrap() > 0.0);
 }
 
+/// MQTT 5 devices with the chunked gateway's properties: every message arrives once, and
+/// both stores carry its properties (the envelope's `properties`, the row's
+/// `mqtt_properties` and chunk columns), which the load tester counts and checks.
+#[test]
+fn mqtt_5_properties_reach_both_stores_through_the_stack() {
+    let (status, r) = run(
+        "mqtt",
+        &[
+            "--mqtt-version",
+            "5",
+            "--properties",
+            "chunked",
+            "--devices",
+            "3",
+            "--count",
+            "200",
+            "--rate",
+            "400",
+            "--settle",
+            "30s",
+        ],
+    );
+    assert!(status.success(), "exit {status:?}: {r:#}");
+    assert_eq!(r["persisted"], 200, "{r:#}");
+    assert_eq!(r["published"], 200, "{r:#}");
+    assert_eq!(r["lost"], 0, "{r:#}");
+    let p = &r["properties"];
+    assert_eq!(p["mode"], "chunked", "{r:#}");
+    assert_eq!(p["published_with_properties"], 200, "{r:#}");
+    assert_eq!(p["persisted_with_properties"], 200, "{r:#}");
+    assert_eq!(p["persisted_with_chunk_fields"], 200, "{r:#}");
+}
+
 #[test]
 fn messages_of_an_unknown_device_are_dead_lettered_not_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.json");
-    let status = loadtest("mqtt")
-        .args(["--devices", "0", "--unknown-devices", "2", "--count", "100"])
-        .args(["--rate", "200", "--settle", "30s"])
-        .arg("--json")
-        .arg(&json)
-        .status()
-        .expect("run argus-loadtest");
-    let r = read_json(&json);
+    let (status, r) = run(
+        "mqtt",
+        &[
+            "--devices",
+            "0",
+            "--unknown-devices",
+            "2",
+            "--count",
+            "100",
+            "--rate",
+            "200",
+            "--settle",
+            "30s",
+        ],
+    );
     assert!(status.success(), "exit {status:?}: {r:#}");
     assert_eq!(r["acked"], 100, "{r:#}");
     assert_eq!(r["dead_lettered"], 100, "{r:#}");
@@ -108,16 +154,23 @@ fn messages_of_an_unknown_device_are_dead_lettered_not_lost() {
 fn a_short_http_run_through_the_sidecar_loses_nothing() {
     stack_var("INGEST_HTTP_URL");
     stack_var("ARGUS_ADMIN_TOKEN");
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.json");
-    let status = loadtest("http")
-        .args(["--devices", "4", "--count", "200", "--batch", "10"])
-        .args(["--concurrency", "4", "--rate", "400", "--settle", "30s"])
-        .arg("--json")
-        .arg(&json)
-        .status()
-        .expect("run argus-loadtest");
-    let r = read_json(&json);
+    let (status, r) = run(
+        "http",
+        &[
+            "--devices",
+            "4",
+            "--count",
+            "200",
+            "--batch",
+            "10",
+            "--concurrency",
+            "4",
+            "--rate",
+            "400",
+            "--settle",
+            "30s",
+        ],
+    );
     assert!(status.success(), "exit {status:?}: {r:#}");
     assert_eq!(r["acked"], 200, "{r:#}");
     assert_eq!(r["persisted"], 200);

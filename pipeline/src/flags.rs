@@ -20,7 +20,28 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+
+/// An MQTT protocol version (`--mqtt-version` of the bridge and of the load
+/// tester's devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MqttVersion {
+    /// MQTT 5.0.
+    #[value(name = "5")]
+    V5,
+    /// MQTT 3.1.1.
+    #[value(name = "3.1.1")]
+    V311,
+}
+
+impl std::fmt::Display for MqttVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MqttVersion::V5 => "5",
+            MqttVersion::V311 => "3.1.1",
+        })
+    }
+}
 
 /// A flag with a value that cannot be used. The reason never contains a secret.
 #[derive(Debug, thiserror::Error)]

@@ -4,21 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::ValueEnum;
-
 use super::parse_duration;
 use super::url::MqttAddr;
 
-/// The MQTT protocol version of the bridge's connections (`--mqtt-version`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MqttVersion {
-    /// MQTT 5.0.
-    #[value(name = "5")]
-    V5,
-    /// MQTT 3.1.1.
-    #[value(name = "3.1.1")]
-    V311,
-}
+pub use argus_pipeline::flags::MqttVersion;
 
 /// How long an MQTT 5 broker keeps a lost connection's session (`--session-expiry`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -52,6 +52,11 @@ pub fn mqtt_options(
                 // acks are sized for it.
                 .set_receive_maximum(Some(receive_maximum(cfg.max_inflight)))
                 .set_max_packet_size(Some(MAX_PACKET))
+                // The bridge publishes nothing. Without an upper limit rumqttc
+                // sizes its outgoing-publish table for 65,535 packet ids up front,
+                // about 13 MiB per connection (measured: RSS 44 MiB against 17 MiB
+                // with 3.1.1, whose client defaults to 100).
+                .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
                 .set_manual_acks(true)
                 .set_request_channel_capacity(request_capacity(cfg.max_inflight));
             if let Some(t) = transport {
@@ -61,6 +66,10 @@ pub fn mqtt_options(
         }
     }
 }
+
+/// Outgoing QoS 1 publishes in flight with MQTT 5: 3.1.1's default, as the bridge
+/// only subscribes.
+const OUTGOING_INFLIGHT: u16 = 100;
 
 /// `--max-inflight` as MQTT 5's Receive Maximum (1..=65535, checked by the config).
 fn receive_maximum(max_inflight: usize) -> u16 {
