@@ -372,9 +372,12 @@ async fn stalled_sink(version: &str) -> Stalled {
     // What the bridge did during the stall, before the lock goes.
     let metrics = bridge.metrics();
     lock.rollback().await.unwrap();
-    wait_stored(&stack, expected.len(), Duration::from_secs(120)).await;
+    let unlocked = Instant::now();
+    wait_stored(&stack, expected.len(), Duration::from_secs(300)).await;
+    let drained_in = unlocked.elapsed();
     assert_exactly_once(&stack, &expected).await;
     wait_ready(port, Duration::from_secs(30)).await;
+    let after = bridge.metrics();
     let stalled = Stalled {
         peak_in_flight: peak_in_flight.load(Ordering::SeqCst) as f64,
         rss_before,
@@ -384,7 +387,8 @@ async fn stalled_sink(version: &str) -> Stalled {
     eprintln!(
         "MQTT {version}: {} messages of 4 KiB in {:?} into a locked sink; held by the bridge at most {} \
          (2 connections); RSS {} KiB before, {} KiB at peak; left to the broker {}, \
-         past the Receive Maximum {}; all {} stored once after the lock",
+         past the Receive Maximum {}; all {} stored once {:?} after the lock, \
+         with {} renewals and {} past the Receive Maximum by then",
         n - 20,
         stall_for(),
         stalled.peak_in_flight,
@@ -395,7 +399,10 @@ async fn stalled_sink(version: &str) -> Stalled {
             &stalled.metrics,
             "argus_bridge_receive_maximum_exceeded_total"
         ),
-        expected.len()
+        expected.len(),
+        drained_in,
+        metric_sum(&after, "argus_bridge_intake_full_disconnects_total"),
+        metric_sum(&after, "argus_bridge_receive_maximum_exceeded_total"),
     );
     // Flat: what the bridge holds is bounded (at most 100 × 4 KiB queued), far
     // below the 13 MB and more published during the stall.

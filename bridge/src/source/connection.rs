@@ -3,7 +3,7 @@
 //! disconnect. The worker and the acker run beside it as tasks.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use argus_pipeline::backoff::Backoff;
 use chrono::Utc;
@@ -23,6 +23,10 @@ use super::worker::worker;
 use crate::config::{MqttConfig, MqttVersion};
 use crate::metrics;
 use crate::server::Status;
+
+/// How long a renewal waits for the broker to close the connection after our
+/// DISCONNECT before it drops the connection itself.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs one connection: the poll loop here, the worker and the acker as tasks.
 pub async fn run_connection<H: Handler>(
@@ -75,6 +79,10 @@ pub async fn run_connection<H: Handler>(
     // connection is renewed (the broker redelivers what it kept).
     let mut refusing = false;
     let mut full_backoff = Backoff::new(cfg.reconnect_max);
+    // While a renewal's DISCONNECT is out: when to stop waiting for the broker
+    // to close the connection.
+    let mut renew_deadline: Option<tokio::time::Instant> = None;
+    let mut renew_now = false;
     // PUBACKs written to the network; see `Epoch::drained`.
     let mut acks_written: u64 = 0;
 
@@ -85,7 +93,18 @@ pub async fn run_connection<H: Handler>(
             break;
         }
 
-        match eventloop.poll().await {
+        let polled = match renew_deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, eventloop.poll())
+                .await
+                .ok(),
+            None => Some(eventloop.poll().await),
+        };
+        let polled = polled.unwrap_or_else(|| {
+            warn!(client_id = %client_id, timeout_ms = RENEW_TIMEOUT.as_millis() as u64, "The broker did not close the connection after our DISCONNECT; dropping it.");
+            renew_now = true;
+            Ok(Event::Other)
+        });
+        match polled {
             Ok(Event::ConnAck { session_present }) => {
                 reconnect.connected(Instant::now());
                 if !up {
@@ -193,7 +212,7 @@ pub async fn run_connection<H: Handler>(
             }
             Ok(Event::DisconnectWritten) => {
                 debug!(client_id = %client_id, "DISCONNECT sent.");
-                if shutdown.is_cancelled() {
+                if shutdown.is_cancelled() && renew_deadline.is_none() {
                     break;
                 }
             }
@@ -203,6 +222,11 @@ pub async fn run_connection<H: Handler>(
                 full_backoff.reset();
             }
             Ok(Event::Other) => {}
+            Err(e) if renew_deadline.is_some() => {
+                // The broker closed the connection after our DISCONNECT.
+                debug!(client_id = %client_id, error = %e, "Connection closed for the renewal.");
+                renew_now = true;
+            }
             Err(e) => {
                 went_down(&status, conn, &mut up, &mut subscribed);
                 // Everything received on the lost connection stays
@@ -228,21 +252,40 @@ pub async fn run_connection<H: Handler>(
                 }
             }
         }
-        if refusing && epoch.drained(current_epoch, acks_written) {
-            // Everything queued before the intake filled is acknowledged: end the
-            // session's connection so the broker redelivers what was left to it.
-            // Each round acknowledges what the intake held, so this cannot spin
-            // without progress; rounds that acknowledged nothing back off.
-            refusing = false;
+        if refusing && renew_deadline.is_none() && epoch.drained(current_epoch, acks_written) {
+            // Everything queued before the intake filled is acknowledged: have
+            // the broker end the connection so it redelivers what was left to it.
+            // A DISCONNECT behind the written PUBACKs, not a dropped socket: a
+            // socket closed with unread data (the broker is still sending)
+            // is reset, Linux discards what it had not sent yet, and the broker
+            // redelivers the very messages just acknowledged (measured: 659 of
+            // 16,024 stored in 120 s after a 40 s stall). Each round
+            // acknowledges what the intake held, so this cannot spin without
+            // progress; rounds that acknowledged nothing back off.
             metrics::intake_full_disconnect();
-            let delay = full_backoff.next_delay();
-            info!(client_id = %client_id, retry_in_ms = delay.as_millis() as u64, "Queued messages acknowledged; reconnecting so the broker redelivers what it kept.");
+            info!(client_id = %client_id, "Queued messages acknowledged; disconnecting so the broker redelivers what it kept.");
+            match client.try_disconnect() {
+                Ok(()) => {
+                    renew_deadline = Some(tokio::time::Instant::now() + RENEW_TIMEOUT);
+                }
+                Err(e) => {
+                    warn!(client_id = %client_id, error = %e, "DISCONNECT not queued; dropping the connection.");
+                    renew_now = true;
+                }
+            }
+        }
+        if std::mem::take(&mut renew_now) {
+            refusing = false;
+            renew_deadline = None;
             went_down(&status, conn, &mut up, &mut subscribed);
-            // Drops the network at once; the acks were flushed already.
+            // Drops the network if the broker has not already; the acks were
+            // flushed before the DISCONNECT.
             current_epoch = bump_epoch(&epoch, &mut eventloop);
             acks_written = epoch.acks_queued();
             release_in_flight(intake.purge_before(current_epoch));
             metrics::reconnected();
+            let delay = full_backoff.next_delay();
+            info!(client_id = %client_id, retry_in_ms = delay.as_millis() as u64, "Reconnecting so the broker redelivers what it kept.");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => {}
