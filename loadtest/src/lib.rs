@@ -9,6 +9,8 @@
 //!   stop; [`baseline`]: each part alone (broker, COPY, JetStream, per-message design).
 //! - [`cli`]: clap arguments, every flag with an `env` twin.
 //! - [`mqtt`]: mTLS QoS 1 publishers (rumqttc), PUBACKs counted per packet id.
+//! - [`device_client`]: the devices' MQTT 3.1.1 and 5 clients behind one face, and
+//!   their publish properties (`--mqtt-version`, `--properties`).
 //! - [`acks`]: matching PUBACKs to messages across reconnects (pure bookkeeping).
 //! - [`http`]: API keys through the admin API, concurrent single/batch readings (reqwest).
 //! - [`devices`]: the run's devices in Postgres and their certificates from `argus_pki`.
