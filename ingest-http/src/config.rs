@@ -89,7 +89,7 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_HTTP_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
 
-    /// Largest reading in bytes, as stored (its compact JSON; larger: 413 naming it).
+    /// Largest reading in bytes, as sent and stored (its JSON text; larger: 413 naming it).
     /// Checked at start-up against the NATS server's max_payload.
     #[arg(long, env = "ARGUS_HTTP_MAX_READING_BYTES", default_value_t = argus_pipeline::reading::DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_reading_bytes: usize,
@@ -201,7 +201,7 @@ impl std::fmt::Debug for Config {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub body_limit: usize,
-    /// Largest stored reading (compact JSON).
+    /// Largest stored reading (its JSON text as sent).
     pub max_reading_bytes: usize,
     pub max_batch_readings: usize,
     pub rate_limit_per_device: f64,

@@ -9,10 +9,11 @@
 //!   is visible ASCII, so it never holds NUL: no single reading's key (`k/0`, say) can
 //!   name a batch's reading;
 //! - else the reading's `messageId` field;
-//! - else the hash of the device's canonical topic and the reading's compact JSON (the
-//!   stored payload). A retry therefore gets the same id and is stored once.
+//! - else the hash of the device's canonical topic and the reading's text as sent (the
+//!   stored payload). A retry of the same bytes therefore gets the same id and is
+//!   stored once.
 //!
-//! Sizes: a reading's stored form (its compact JSON) is at most `--max-reading-bytes`,
+//! Sizes: a reading's text as sent (what is stored) is at most `--max-reading-bytes`,
 //! and its envelope must fit the NATS server's `max_payload`
 //! ([`PublishLimits::check_reading`]); either failing answers 413 naming the reading,
 //! before anything reaches Postgres.
@@ -90,9 +91,8 @@ pub fn build(
     };
     let mut seen: HashMap<Uuid, usize> = HashMap::with_capacity(parsed.len());
     for (i, r) in parsed.into_iter().enumerate() {
-        // The stored payload and the id's hash input: the reading object, compact.
-        // Serializing a map of JSON values cannot fail.
-        let payload = serde_json::to_vec(&r.object).unwrap_or_default();
+        // The stored payload and the id's hash input: the reading as sent.
+        let payload = r.text.into_boxed_bytes().into_vec();
         let keyed = cx.idempotency_key.map(|key| match shape {
             Shape::Single => key.to_owned(),
             Shape::Batch => format!("{key}\0{i}"),
@@ -105,7 +105,7 @@ pub fn build(
         )
         .map_err(|e| match e.reason {
             DlqReason::Oversize => too_large(format!(
-                "{}: the reading is {} bytes as stored (compact JSON), over the limit of {} \
+                "{}: the reading is {} bytes as sent, over the limit of {} \
                  (--max-reading-bytes).",
                 label(shape, i),
                 payload.len(),

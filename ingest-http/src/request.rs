@@ -11,8 +11,14 @@
 //! ```
 //! Unknown fields are refused (a typo such as `metric` should fail loudly, not be
 //! stored silently).
+//!
+//! What is stored is each reading's own text ([`IngestReading::text`]), not the
+//! `Value` it was validated as: `serde_json` reads numbers as `f64`, `u64` or `i64`,
+//! so `12345678901234567890123` or `0.1000000000000000055511151231257827` would
+//! come back as other digits. Like an MQTT payload, a reading is kept as sent.
 
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -21,14 +27,15 @@ pub const MAX_SUPPLIED_ID_LEN: usize = 200;
 
 const KNOWN_FIELDS: [&str; 5] = ["deviceId", "metrics", "timestamp", "metadata", "messageId"];
 
-/// One validated reading, with the object exactly as received (what gets stored).
+/// One validated reading, with its text exactly as received (what gets stored).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngestReading {
     pub device_id: Uuid,
     pub device_timestamp: Option<DateTime<Utc>>,
     pub message_id: Option<String>,
-    /// The reading object as received.
-    pub object: Map<String, Value>,
+    /// The reading object's JSON text as the client sent it (its digits, key order
+    /// and spacing), without the whitespace around it.
+    pub text: Box<str>,
 }
 
 /// Whether the body was a single object or an array; decides the response shape.
@@ -78,12 +85,14 @@ pub fn parse_body(
 }
 
 fn parse_fields(body: &[u8], max_batch: usize) -> Result<(Shape, Vec<IngestReading>), FieldError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        // serde_json's message carries line/column only, never body content.
-        FieldError::new("", format!("malformed JSON ({e})"))
-    })?;
+    // serde_json's message carries line/column only, never body content.
+    let malformed = |e: serde_json::Error| FieldError::new("", format!("malformed JSON ({e})"));
+    let value: Value = serde_json::from_slice(body).map_err(malformed)?;
     match value {
-        Value::Object(map) => Ok((Shape::Single, vec![parse_reading(map, "")?])),
+        Value::Object(map) => {
+            let text: &RawValue = serde_json::from_slice(body).map_err(malformed)?;
+            Ok((Shape::Single, vec![parse_reading(map, "", text)?]))
+        }
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(FieldError::new(
@@ -97,11 +106,12 @@ fn parse_fields(body: &[u8], max_batch: usize) -> Result<(Shape, Vec<IngestReadi
                     format!("a batch holds at most {max_batch} readings"),
                 ));
             }
+            let texts: Vec<&RawValue> = serde_json::from_slice(body).map_err(malformed)?;
             let mut readings = Vec::with_capacity(items.len());
-            for (i, item) in items.into_iter().enumerate() {
+            for (i, (item, text)) in items.into_iter().zip(texts).enumerate() {
                 let at = format!("[{i}]");
                 match item {
-                    Value::Object(map) => readings.push(parse_reading(map, &at)?),
+                    Value::Object(map) => readings.push(parse_reading(map, &at, text)?),
                     other => {
                         return Err(FieldError::new(
                             at,
@@ -152,7 +162,11 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn parse_reading(map: Map<String, Value>, at: &str) -> Result<IngestReading, FieldError> {
+fn parse_reading(
+    map: Map<String, Value>,
+    at: &str,
+    text: &RawValue,
+) -> Result<IngestReading, FieldError> {
     if let Some(unknown) = map.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
         return Err(FieldError::new(join_key(at, unknown), "unknown field"));
     }
@@ -252,7 +266,7 @@ fn parse_reading(map: Map<String, Value>, at: &str) -> Result<IngestReading, Fie
         device_id,
         device_timestamp,
         message_id,
-        object: map,
+        text: text.get().into(),
     })
 }
 
@@ -312,7 +326,18 @@ mod tests {
             r.device_timestamp.unwrap().to_rfc3339(),
             "2026-01-28T12:00:00+00:00"
         );
-        assert_eq!(r.object["metadata"]["fw"], "1.2");
+        assert_eq!(&*r.text, body.trim());
+    }
+
+    #[test]
+    fn a_reading_is_kept_digit_for_digit() {
+        let one = format!(
+            r#"{{"metrics":{{"n":12345678901234567890123,"d":0.1000000000000000055511151231257827,"e":1.5E+300}},"deviceId":"{DEV}"}}"#
+        );
+        let (_, single) = parse_body(format!(" {one}\n").as_bytes(), 10).unwrap();
+        assert_eq!(&*single[0].text, one);
+        let (_, batch) = parse_body(format!("[ {one} ,\n{one}]").as_bytes(), 10).unwrap();
+        assert!(batch.iter().all(|r| *r.text == one));
     }
 
     #[test]

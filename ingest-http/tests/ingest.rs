@@ -50,6 +50,50 @@ async fn valid_key_stores_one_row_and_one_stream_message() {
     assert_eq!(envelope["payload"], body);
 }
 
+/// Numbers keep the digits the device sent (issue 15): integers past 2^64 and
+/// decimals with 30+ significant digits, in the row and in the envelope. The
+/// envelope carries the reading's text byte for byte; `jsonb` keeps every digit
+/// (numbers are `numeric`) but writes an exponent out in full (`1.5E+3` → `1500`)
+/// and drops the whitespace between tokens.
+#[tokio::test]
+async fn http_readings_keep_their_digits() {
+    let s = Stack::start().await;
+    let (_, key) = create_key(&s.http, &s.app, DEVICE).await;
+    let text = format!(
+        r#"{{"deviceId": "{DEVICE}", "metrics": {{"big": 123456789012345678901234567890123, "dec": 0.1000000000000000055511151231257827, "tiny": -1.2345678901234567890123456789E-21, "exp": 1.5E+3}}}}"#
+    );
+    let (status, resp, _) = ingest_raw(&s.http, &s.app, &key, text.clone().into_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+
+    let row = s
+        .pg()
+        .await
+        .query_one(
+            "SELECT payload->'metrics'->>'big', payload->'metrics'->>'dec', \
+                    payload->'metrics'->>'tiny', payload->'metrics'->>'exp' FROM telemetry_raw",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<String> = (0..4).map(|i| row.get(i)).collect();
+    assert_eq!(
+        got,
+        [
+            "123456789012345678901234567890123",
+            "0.1000000000000000055511151231257827",
+            "-0.0000000000000000000012345678901234567890123456789",
+            "1500",
+        ]
+    );
+
+    let (_, envelope) = last_stream_bytes(&s.nats.url(), DEVICE).await;
+    let envelope = String::from_utf8(envelope).unwrap();
+    assert!(
+        envelope.contains(&format!(r#""payload":{text}"#)),
+        "the envelope does not carry the reading as sent: {envelope}"
+    );
+}
+
 /// A retry with the same Idempotency-Key (or the same messageId, or the same body) is a
 /// no-op that returns the same messageId; a batch answers one id per reading.
 #[tokio::test]

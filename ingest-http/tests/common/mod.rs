@@ -208,6 +208,12 @@ pub async fn stream_count(nats_url: &str) -> u64 {
 
 /// The last message on `telemetry.raw.v1.<device>`: (Nats-Msg-Id, envelope).
 pub async fn last_stream_message(nats_url: &str, device: Uuid) -> (String, Value) {
+    let (id, bytes) = last_stream_bytes(nats_url, device).await;
+    (id, serde_json::from_slice(&bytes).unwrap())
+}
+
+/// [`last_stream_message`] with the envelope's bytes as published.
+pub async fn last_stream_bytes(nats_url: &str, device: Uuid) -> (String, Vec<u8>) {
     let client = async_nats::connect(nats_url).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(RAW_STREAM).await.unwrap();
@@ -220,7 +226,7 @@ pub async fn last_stream_message(nats_url: &str, device: Uuid) -> (String, Value
         .get("Nats-Msg-Id")
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
-    (id, serde_json::from_slice(&msg.payload).unwrap())
+    (id, msg.payload.to_vec())
 }
 
 /// Admin: creates a key for `device`; returns (key id, key).
