@@ -29,6 +29,56 @@ async fn count(db: &tokio_postgres::Client, like: &str) -> i64 {
     .get(0)
 }
 
+/// The bridge's peak RSS and `argus_bridge_in_flight_messages`, sampled every
+/// 50 ms on a thread until [`Peaks::stop`].
+struct Peaks {
+    rss: Arc<AtomicU64>,
+    in_flight: Arc<AtomicU64>,
+    sampling: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Peaks {
+    /// `rss_floor`: the RSS the peak starts from (measured before the load).
+    fn start(bridge: &BridgeProcess, rss_floor: u64) -> Peaks {
+        let rss = Arc::new(AtomicU64::new(rss_floor));
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let (pid, metrics_port) = (bridge.child.id(), bridge.metrics_port);
+        let thread = {
+            let (rss, in_flight, sampling) = (rss.clone(), in_flight.clone(), sampling.clone());
+            std::thread::spawn(move || {
+                while sampling.load(Ordering::SeqCst) {
+                    if let Some(r) = rss_of(pid) {
+                        rss.fetch_max(r, Ordering::SeqCst);
+                    }
+                    if let Some((_, m)) = argus_testkit::http_get(metrics_port, "/metrics") {
+                        let n = metric_sum(&m, "argus_bridge_in_flight_messages");
+                        in_flight.fetch_max(n as u64, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        Peaks {
+            rss,
+            in_flight,
+            sampling,
+            thread,
+        }
+    }
+
+    /// Stops sampling: (peak RSS in bytes, peak messages in flight).
+    fn stop(self) -> (u64, f64) {
+        self.sampling.store(false, Ordering::SeqCst);
+        self.thread.join().unwrap();
+        (
+            self.rss.load(Ordering::SeqCst),
+            self.in_flight.load(Ordering::SeqCst) as f64,
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qos0_flood_against_a_stalled_sink_is_shed_with_memory_bounded() {
     let stack = Stack::start(false).await;
@@ -69,20 +119,7 @@ async fn a_qos0_flood_against_a_stalled_sink_is_shed_with_memory_bounded() {
         .unwrap();
 
     // Sample the bridge's RSS while the device floods at QoS 0.
-    let peak = Arc::new(AtomicU64::new(rss_before));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let pid = bridge.child.id();
-    let sampler = {
-        let (peak, sampling) = (peak.clone(), sampling.clone());
-        std::thread::spawn(move || {
-            while sampling.load(Ordering::SeqCst) {
-                if let Some(rss) = rss_of(pid) {
-                    peak.fetch_max(rss, Ordering::SeqCst);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let peaks = Peaks::start(&bridge, rss_before);
     let pad = "x".repeat(PAD);
     for i in 0..FLOOD {
         device
@@ -117,9 +154,7 @@ async fn a_qos0_flood_against_a_stalled_sink_is_shed_with_memory_bounded() {
         metric_sum(&bridge.metrics(), "argus_bridge_oldest_unacked_seconds") >= 2.0
     })
     .await;
-    sampling.store(false, Ordering::SeqCst);
-    sampler.join().unwrap();
-    let rss_during = peak.load(Ordering::SeqCst);
+    let (rss_during, _) = peaks.stop();
     eprintln!(
         "stall shown {:?} after the flood began",
         flood_started.elapsed()
@@ -335,26 +370,7 @@ async fn stalled_sink(version: &str) -> Stalled {
     lock.batch_execute("LOCK TABLE telemetry_raw IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let peak_in_flight = Arc::new(AtomicU64::new(0));
-    let rss_peak = Arc::new(AtomicU64::new(rss_before));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (in_flight, rss, sampling) =
-            (peak_in_flight.clone(), rss_peak.clone(), sampling.clone());
-        let (pid, metrics_port) = (bridge.child.id(), bridge.metrics_port);
-        std::thread::spawn(move || {
-            while sampling.load(Ordering::SeqCst) {
-                if let Some(r) = rss_of(pid) {
-                    rss.fetch_max(r, Ordering::SeqCst);
-                }
-                if let Some((_, m)) = argus_testkit::http_get(metrics_port, "/metrics") {
-                    let n = metric_sum(&m, "argus_bridge_in_flight_messages");
-                    in_flight.fetch_max(n as u64, Ordering::SeqCst);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let peaks = Peaks::start(&bridge, rss_before);
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut n = 20;
@@ -367,8 +383,7 @@ async fn stalled_sink(version: &str) -> Stalled {
         }
     }
     device.wait_acked(n, Duration::from_secs(60)).await;
-    sampling.store(false, Ordering::SeqCst);
-    sampler.join().unwrap();
+    let (rss_peak, peak_in_flight) = peaks.stop();
     // What the bridge did during the stall, before the lock goes.
     let metrics = bridge.metrics();
     lock.rollback().await.unwrap();
@@ -379,9 +394,9 @@ async fn stalled_sink(version: &str) -> Stalled {
     wait_ready(port, Duration::from_secs(30)).await;
     let after = bridge.metrics();
     let stalled = Stalled {
-        peak_in_flight: peak_in_flight.load(Ordering::SeqCst) as f64,
+        peak_in_flight,
         rss_before,
-        rss_peak: rss_peak.load(Ordering::SeqCst),
+        rss_peak,
         metrics,
     };
     eprintln!(

@@ -48,6 +48,8 @@ pub struct AckTracker {
     pub stray_acks: u64,
     /// Messages an MQTT 5 broker refused in its PUBACK: they end up unacked.
     pub refused: u64,
+    /// The reason code of the first refusal.
+    pub refused_reason: Option<String>,
     /// PUBACKs for a message already acked (a resend the broker had acknowledged before).
     pub duplicate_acks: u64,
 }
@@ -104,9 +106,12 @@ impl AckTracker {
 
     /// The broker refused `pkid` (an MQTT 5 PUBACK with a failure reason code):
     /// the message is neither acked nor published again, so it ends up unacked.
-    pub fn on_refused(&mut self, pkid: u16) {
+    pub fn on_refused(&mut self, pkid: u16, reason: String) {
         match self.by_pkid.remove(&pkid) {
-            Some(_) => self.refused += 1,
+            Some(_) => {
+                self.refused += 1;
+                self.refused_reason.get_or_insert(reason);
+            }
             None => self.stray_acks += 1,
         }
     }
@@ -188,9 +193,10 @@ mod tests {
         }
         t.on_publish(1);
         t.on_publish(2);
-        t.on_refused(1);
+        t.on_refused(1, "NotAuthorized".into());
         assert_eq!(t.on_puback(2), Some(m(1)));
         assert_eq!((t.refused, t.outstanding()), (1, 0));
+        assert_eq!(t.refused_reason.as_deref(), Some("NotAuthorized"));
         t.new_session();
         assert_eq!(
             t.next_resend(),

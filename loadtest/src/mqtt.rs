@@ -267,7 +267,6 @@ async fn run_connection(
     let opts = target.options(plan.mqtt_version, &client_id, &devices[0], plan.inflight);
     let tracker = Arc::new(Mutex::new(AckTracker::default()));
     let latency = Arc::new(Mutex::new(Latencies::new(start_ns)));
-    let refused_reason: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let mut gen = Generator {
         idx: idx as u64,
         n_conns: n_conns as u64,
@@ -294,7 +293,6 @@ async fn run_connection(
             &mut ack_deadline,
             &tracker,
             &latency,
-            &refused_reason,
             &progress,
             &mut result,
         )
@@ -338,7 +336,7 @@ async fn run_connection(
     }
     let mut t = lock(&tracker);
     if t.refused > 0 {
-        let why = lock(&refused_reason).clone().unwrap_or_default();
+        let why = t.refused_reason.clone().unwrap_or_default();
         let note = format!(
             "connection {idx}: the broker refused {} publish(es) ({why}): unacked",
             t.refused
@@ -397,7 +395,6 @@ async fn run_session(
     ack_deadline: &mut Option<Instant>,
     tracker: &Arc<Mutex<AckTracker>>,
     latency: &Arc<Mutex<Latencies>>,
-    refused_reason: &Arc<Mutex<Option<String>>>,
     progress: &ProgressBar,
     result: &mut ConnResult,
 ) -> (SessionEnd, bool) {
@@ -409,7 +406,6 @@ async fn run_session(
         eventloop,
         tracker.clone(),
         latency.clone(),
-        refused_reason.clone(),
         progress.clone(),
         conn_tx,
         dead_tx,
@@ -516,12 +512,10 @@ async fn run_session(
 }
 
 /// Drives one event loop until its connection ends; feeds the tracker.
-#[allow(clippy::too_many_arguments)]
 async fn poll_session(
     mut eventloop: EventLoop,
     tracker: Arc<Mutex<AckTracker>>,
     latency: Arc<Mutex<Latencies>>,
-    refused_reason: Arc<Mutex<Option<String>>>,
     progress: ProgressBar,
     conn_tx: StopHandle,
     dead_tx: StopHandle,
@@ -540,8 +534,7 @@ async fn poll_session(
             }
         }
         Event::Refused { pkid, reason } => {
-            lock(&tracker).on_refused(pkid);
-            lock(&refused_reason).get_or_insert(reason);
+            lock(&tracker).on_refused(pkid, reason);
         }
         Event::Disconnected | Event::Other => {}
     };
