@@ -1,4 +1,4 @@
-# The Argus image: every binary of the workspace (argus-bridge, argus-ingest-http,
+# The Argus image: every binary of the workspace (argus-bridge, argus-dlq, argus-ingest-http,
 # argus-schema, argus-pki, argus-loadtest). Certificates are mounted, never baked in.
 #
 #   docker build -t argus:local .
@@ -10,7 +10,7 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bins \
  && mkdir /out \
- && cp target/release/argus-bridge target/release/argus-ingest-http \
+ && cp target/release/argus-bridge target/release/argus-dlq target/release/argus-ingest-http \
        target/release/argus-schema target/release/argus-pki \
        target/release/argus-loadtest /out/
 

@@ -26,6 +26,7 @@ use argus_pipeline::registry::{DeviceInfo, Registry};
 use argus_pipeline::sink::SinkHandle;
 use futures::FutureExt as _;
 use tracing::warn;
+use uuid::Uuid;
 
 use crate::metrics;
 use crate::source::{Durable, Handler, Message, NotDurable};
@@ -81,39 +82,60 @@ impl Admit {
     }
 }
 
-impl Handler for Admit {
-    async fn admit(&self, msg: Message) -> Durable {
+impl Admit {
+    /// Checks `msg` and looks its device up: the reading to store, or why it
+    /// is refused (dead-letter it). The live path ([`Handler::admit`]) and the
+    /// replay tool (`crate::replay`) both go through here, so a replayed letter
+    /// meets the checks live traffic meets.
+    pub async fn check(&self, msg: Message) -> Result<Reading, Box<(Reject, Message)>> {
         if let Some(p) = msg.properties.as_deref() {
             if let Err(reject) = p.check(&self.property_limits) {
-                return self.dead_letter(reject, msg);
+                return Err(Box::new((reject, msg)));
             }
         }
         let mut checked = match reading::check(&msg.topic, &msg.payload, &self.limits) {
             Ok(c) => c,
-            Err(reject) => return self.dead_letter(reject, msg),
+            Err(reject) => return Err(Box::new((reject, msg))),
         };
         if let Some(p) = msg.properties.as_deref() {
             if let Err(reject) = p.merge_chunk_fields(&mut checked.fields) {
-                return self.dead_letter(reject.with_device(checked.device_id), msg);
+                return Err(Box::new((reject.with_device(checked.device_id), msg)));
             }
         }
-        // The registry retries nothing itself: while Postgres is unreachable
-        // (and the device is in no cache) wait here, which backs up this
-        // connection and, through the broker's inflight window, the broker.
+        let device = self.device(checked.device_id).await;
+        match route(checked, device.as_ref(), msg) {
+            Routed::Store(reading) => Ok(reading),
+            Routed::DeadLetter(reject, msg) => Err(Box::new((reject, msg))),
+        }
+    }
+
+    /// The device's registry entry. The registry retries nothing itself: while
+    /// Postgres is unreachable (and the device is in no cache) wait here, which
+    /// backs up this connection and, through the broker's inflight window, the
+    /// broker.
+    pub async fn device(&self, device_id: Uuid) -> Option<DeviceInfo> {
         let mut backoff = Backoff::new(Duration::from_secs(5));
-        let device = loop {
-            match self.registry.device(checked.device_id).await {
-                Ok(d) => break d,
+        loop {
+            match self.registry.device(device_id).await {
+                Ok(d) => return d,
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(device_id = %checked.device_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Device look-up failed; retrying.");
+                    warn!(%device_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Device look-up failed; retrying.");
                     tokio::time::sleep(delay).await;
                 }
             }
-        };
-        let reading = match route(checked, device.as_ref(), msg) {
-            Routed::Store(reading) => reading,
-            Routed::DeadLetter(reject, msg) => return self.dead_letter(reject, msg),
+        }
+    }
+}
+
+impl Handler for Admit {
+    async fn admit(&self, msg: Message) -> Durable {
+        let reading = match self.check(msg).await {
+            Ok(reading) => reading,
+            Err(refused) => {
+                let (reject, msg) = *refused;
+                return self.dead_letter(reject, msg);
+            }
         };
         // Waits while the sink is full: backpressure (see `source`).
         match self.sink.enqueue(vec![reading]).await {
@@ -141,15 +163,9 @@ pub enum Routed {
 /// dead letter (the fuzz target `fuzz/fuzz_targets/admit.rs` drives both, with
 /// the intake's shedding before them).
 pub fn route(checked: reading::Checked, device: Option<&DeviceInfo>, msg: Message) -> Routed {
-    let tenant_id = match device {
-        None => return Routed::DeadLetter(Reject::unknown_device(checked.device_id), msg),
-        Some(d) if !d.is_active() => {
-            return Routed::DeadLetter(
-                Reject::disabled_device(checked.device_id, d.status.as_str()),
-                msg,
-            )
-        }
-        Some(d) => d.tenant_id,
+    let tenant_id = match tenant(checked.device_id, device) {
+        Ok(t) => t,
+        Err(reject) => return Routed::DeadLetter(reject, msg),
     };
     let properties = msg.properties.as_deref().map(|p| p.to_json());
     let mut reading = Reading::from_checked(
@@ -163,4 +179,13 @@ pub fn route(checked: reading::Checked, device: Option<&DeviceInfo>, msg: Messag
     );
     reading.properties = properties;
     Routed::Store(reading)
+}
+
+/// The tenant of an active device; `unknown_device` or `disabled_device` otherwise.
+pub fn tenant(device_id: Uuid, device: Option<&DeviceInfo>) -> Result<Uuid, Reject> {
+    match device {
+        None => Err(Reject::unknown_device(device_id)),
+        Some(d) if !d.is_active() => Err(Reject::disabled_device(device_id, d.status.as_str())),
+        Some(d) => Ok(d.tenant_id),
+    }
 }

@@ -9,6 +9,7 @@
 //! - [`server`]: `/health`, `/ready`, `/metrics`.
 //! - [`config`]: the command-line flags (each with an `env` twin) and their validation.
 //! - [`lease`]: replica slot leases for `--replica auto`.
+//! - [`replay`]: `argus-dlq list|replay`, the dead-letter stream back through [`admit`].
 //! - [`metrics`]: the bridge's own metric names (`argus_bridge_*`).
 
 pub mod admit;
@@ -16,5 +17,6 @@ pub mod app;
 pub mod config;
 pub mod lease;
 pub mod metrics;
+pub mod replay;
 pub mod server;
 pub mod source;

@@ -5,9 +5,15 @@
 /// lines, or with `json` one JSON object per line, the event's fields at the top level.
 /// Colours only on a terminal: a log file or a collector gets plain text.
 pub fn init_logging(json: bool) {
+    init_logging_at(json, "info");
+}
+
+/// [`init_logging`] with another level where `RUST_LOG` is unset (a command-line
+/// tool such as `argus-dlq` logs only warnings by default).
+pub fn init_logging_at(json: bool, default_filter: &str) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

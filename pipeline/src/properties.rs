@@ -17,6 +17,7 @@
 
 use base64::Engine as _;
 use bytes::Bytes;
+use serde::Deserialize as _;
 
 use crate::reading::{DlqReason, Fields, Reject, MAX_ID_FIELD_BYTES};
 
@@ -224,6 +225,35 @@ impl Properties {
         }
         serde_json::Value::Object(m)
     }
+
+    /// The inverse of [`Properties::to_value`], for a dead letter read back
+    /// (`argus-dlq replay`); `None` when `value` is not that shape.
+    pub fn from_value(value: &serde_json::Value) -> Option<Properties> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        struct Json {
+            content_type: Option<String>,
+            payload_format_indicator: Option<u8>,
+            response_topic: Option<String>,
+            correlation_data: Option<String>,
+            #[serde(default)]
+            user_properties: Vec<(String, String)>,
+        }
+        let j = Json::deserialize(value).ok()?;
+        let correlation_data = match j.correlation_data {
+            Some(b64) => Some(Bytes::from(
+                base64::engine::general_purpose::STANDARD.decode(b64).ok()?,
+            )),
+            None => None,
+        };
+        Some(Properties {
+            content_type: j.content_type,
+            payload_format_indicator: j.payload_format_indicator,
+            response_topic: j.response_topic,
+            correlation_data,
+            user_properties: j.user_properties,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -314,5 +344,23 @@ mod tests {
             .unwrap_err();
         assert_eq!(r.reason, DlqReason::InvalidField);
         assert!(r.detail.starts_with("totalChunks"), "{}", r.detail);
+    }
+
+    #[test]
+    fn properties_read_back_from_their_json() {
+        let p = Properties {
+            content_type: Some("application/json".into()),
+            payload_format_indicator: Some(1),
+            response_topic: Some("devices/x/replies".into()),
+            correlation_data: Some(Bytes::from_static(b"\x00\xffid")),
+            user_properties: vec![("site".into(), "a".into()), ("site".into(), "b".into())],
+        };
+        assert_eq!(Properties::from_value(&p.to_value()), Some(p));
+        assert_eq!(
+            Properties::from_value(&serde_json::json!({})),
+            Some(Properties::default())
+        );
+        assert_eq!(Properties::from_value(&serde_json::json!({"x": 1})), None);
+        assert_eq!(Properties::from_value(&serde_json::json!([])), None);
     }
 }

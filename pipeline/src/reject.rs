@@ -82,6 +82,11 @@ impl DlqReason {
         }
     }
 
+    /// The inverse of [`DlqReason::as_str`].
+    pub fn parse(name: &str) -> Option<DlqReason> {
+        DlqReason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     /// The subject this reason's letters are published to: `telemetry.dlq.<reason>`.
     pub fn subject(self) -> String {
         format!("{DLQ_SUBJECT_PREFIX}.{}", self.as_str())
@@ -147,5 +152,9 @@ mod tests {
         let names: std::collections::HashSet<_> =
             DlqReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), DlqReason::ALL.len());
+        for r in DlqReason::ALL {
+            assert_eq!(DlqReason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(DlqReason::parse("Unknown_Device"), None);
     }
 }

@@ -13,8 +13,10 @@ use argus_pipeline::flags::{BatchArgs, FlagEnv, NatsArgs, PgArgs, RedisArgs, Shu
 use argus_pipeline::properties::PropertyLimits;
 use clap::{Parser, ValueEnum};
 
+mod admit;
 mod mqtt;
 mod url;
+pub use admit::AdmitArgs;
 pub use mqtt::{ClientIdentity, IntakeLimits, MqttConfig, MqttVersion, SessionExpiry};
 pub use url::{parse_mqtt_url, MqttAddr, MqttScheme};
 
@@ -162,21 +164,8 @@ pub struct Cli {
     #[command(flatten)]
     pub batch: BatchArgs<BridgeEnv>,
 
-    /// Largest accepted payload in bytes; larger ones go to the DLQ as `oversize`.
-    #[arg(long, env = "ARGUS_BRIDGE_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
-    pub max_payload_bytes: usize,
-
-    /// MQTT 5: most user properties one message may carry; past it the message goes to the
-    /// DLQ as `invalid_properties`.
-    #[arg(long, env = "ARGUS_BRIDGE_MAX_USER_PROPERTIES", default_value_t = argus_pipeline::properties::DEFAULT_MAX_USER_PROPERTIES)]
-    pub max_user_properties: usize,
-
-    /// MQTT 5: most bytes of publish properties (content type, response topic, correlation
-    /// data, user property names and values together) one message may carry; past it the
-    /// message goes to the DLQ as `invalid_properties`. Counted in the start-up check against
-    /// the NATS server's `max_payload`.
-    #[arg(long, env = "ARGUS_BRIDGE_MAX_PROPERTY_BYTES", default_value_t = argus_pipeline::properties::DEFAULT_MAX_PROPERTY_BYTES)]
-    pub max_property_bytes: usize,
+    #[command(flatten)]
+    pub admit: AdmitArgs,
 
     /// Address of the HTTP server for `/health`, `/ready` and `/metrics`.
     #[arg(
@@ -312,12 +301,10 @@ impl Cli {
             parse_duration(&self.reconnect_max).map_err(|r| invalid("reconnect-max", r))?;
         self.pg.validate()?;
         let nats_urls = self.nats.validate()?;
-        if self.max_payload_bytes == 0 {
-            return Err(invalid("max-payload-bytes", "must be at least 1"));
-        }
+        let (limits, property_limits) = self.admit.validate()?;
         let batching = self
             .batch
-            .validate(self.max_payload_bytes, "--max-payload-bytes")?;
+            .validate(limits.max_payload_bytes, "--max-payload-bytes")?;
         let (replica, replica_auto) = match self.replica.trim() {
             "auto" => {
                 if self.max_replicas == 0 {
@@ -362,11 +349,8 @@ impl Cli {
             batch_size: batching.size,
             batch_linger: batching.linger,
             batch_max_bytes: batching.max_bytes,
-            max_payload_bytes: self.max_payload_bytes,
-            property_limits: PropertyLimits {
-                max_user_properties: self.max_user_properties,
-                max_bytes: self.max_property_bytes,
-            },
+            max_payload_bytes: limits.max_payload_bytes,
+            property_limits,
             metrics_addr,
             ready_max_unacked_age,
             shutdown_timeout,

@@ -1,105 +1,18 @@
-//! Dead letters: rejected input goes to the `TELEMETRY_DLQ` stream on
-//! `telemetry.dlq.<reason>`, so that one bad message never blocks a device or
-//! the bridge, and nothing bad is silently dropped.
-//!
-//! Usage from a source (MQTT or HTTP):
-//!
-//! ```ignore
-//! match reading::check(&topic, &payload, &limits) {
-//!     Ok(checked) => { /* resolve tenant, build a Reading, enqueue it */ }
-//!     Err(reject) => {
-//!         let letter = DeadLetter::new(reject, Some(topic), client_id, received_at, payload);
-//!         dlq.publish(letter).await?; // Err => do NOT acknowledge the message
-//!         // Ok => acknowledge (PUBACK)
-//!     }
-//! }
-//! ```
-//!
-//! The record (JSON, camelCase): `reason`, `detail`, `topic`, `clientId`,
-//! `receivedAt` (RFC 3339, microseconds, `Z`), and `payload` (the original
-//! bytes as a JSON string when they are UTF-8) or `payloadBase64` (standard
-//! base64 with padding when they are not). `deviceId` and `messageId` are added
-//! when known (e.g. `unknown_device`, `unstorable`), otherwise omitted, and so is
-//! `properties`: an MQTT 5 message's publish properties
-//! ([`crate::properties::Properties::to_json`]) when they were within their
-//! bounds (an `invalid_properties` letter has none; its detail says why).
-//!
-//! Each record carries a `Nats-Msg-Id` derived from (reason, topic, payload), so a
-//! redelivered bad message (a crash between the DLQ ack and the PUBACK) is not
-//! recorded twice within the stream's duplicate window.
-//!
-//! **A record always fits.** JSON escaping (`\u0001` for each control byte) and
-//! base64 make a record up to six times its payload, and NATS refuses a message over
-//! the server's `max_payload` (1 MiB by default) every time, so such a letter could
-//! never be written and its message never acknowledged. [`DlqPublisher`] therefore
-//! sizes each record against the connected server's `max_payload` (and an optional
-//! lower cap, [`DlqPublisher::with_max_record_bytes`]): past it, the record keeps the
-//! longest prefix of the payload that fits and says so with `payloadTruncated: true`,
-//! `payloadBytes` (the original length) and `payloadSha256` (hex SHA-256 of the
-//! original bytes). The rest of the payload is not kept anywhere: the broker forgets
-//! the message once it is acknowledged.
+//! The dead-letter record on the wire: [`DeadLetter::encode`] and
+//! [`DeadLetter::encode_within`] write it (its shape is in the `dlq` module
+//! docs), [`StoredLetter::decode`] reads it back for the replay tool
+//! (`argus-dlq`, in the bridge crate).
 
-use std::time::Duration;
-
-use async_nats::jetstream;
 use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::metrics;
-pub use crate::reject::{DlqReason, Reject};
-
-/// Subject prefix of dead letters; the reason is the last token (defined with the
-/// topology in `argus-schema`).
-pub use argus_schema::streams::DLQ_SUBJECT_PREFIX;
-
-/// One rejected message, as it will be recorded.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub reason: DlqReason,
-    /// Human-readable; never contains the payload.
-    pub detail: String,
-    /// The MQTT topic (None for HTTP).
-    pub topic: Option<String>,
-    /// The MQTT client id of the receiving connection, or the HTTP caller's key prefix.
-    pub client_id: Option<String>,
-    pub received_at: DateTime<Utc>,
-    /// The original bytes, unmodified.
-    pub payload: Bytes,
-    /// Set when the device is known from the topic (e.g. `unknown_device`).
-    pub device_id: Option<Uuid>,
-    /// Set when a message id was derived (e.g. `unstorable`).
-    pub message_id: Option<Uuid>,
-    /// The MQTT 5 publish properties, as JSON, when they were within bounds.
-    pub properties: Option<serde_json::Value>,
-}
+use super::{DeadLetter, DlqReason};
 
 impl DeadLetter {
-    /// A letter from a [`Reject`] returned by [`crate::reading::check`] (or built
-    /// by the source for `unknown_device` / `disabled_device`).
-    pub fn new(
-        reject: Reject,
-        topic: Option<String>,
-        client_id: Option<String>,
-        received_at: DateTime<Utc>,
-        payload: Bytes,
-    ) -> Self {
-        DeadLetter {
-            reason: reject.reason,
-            detail: reject.detail,
-            topic,
-            client_id,
-            received_at,
-            payload,
-            device_id: reject.device_id,
-            message_id: None,
-            properties: None,
-        }
-    }
-
     /// The JSON record (see the module docs for its shape), whole.
     pub fn encode(&self) -> Vec<u8> {
         self.encode_prefix(self.payload.len())
@@ -202,20 +115,6 @@ impl DeadLetter {
         // Serializing a struct of strings and UUIDs into a Vec cannot fail.
         serde_json::to_vec(&record).unwrap_or_default()
     }
-
-    /// The `Nats-Msg-Id` of this letter: hex SHA-256 of (reason, topic, payload),
-    /// so a redelivered copy is deduplicated by JetStream.
-    pub fn dedup_id(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(b"argus-dlq\0");
-        h.update(self.reason.as_str().as_bytes());
-        h.update([0]);
-        let topic = self.topic.as_deref().unwrap_or("");
-        h.update((topic.len() as u64).to_be_bytes());
-        h.update(topic.as_bytes());
-        h.update(&self.payload);
-        hex::encode(h.finalize())
-    }
 }
 
 /// The longest prefix of `text`, in bytes, whose JSON string escaping (as serde_json
@@ -237,128 +136,97 @@ fn escaped_prefix_len(text: &str, budget: usize) -> usize {
     text.len()
 }
 
-/// Writing a dead letter failed. The caller must not acknowledge the message.
+/// A record read back from `TELEMETRY_DLQ`: the letter as it was written, and
+/// whether its payload was cut to fit (then the letter holds only a prefix and
+/// must never be stored: a replay reports it instead).
+#[derive(Debug, Clone)]
+pub struct StoredLetter {
+    pub letter: DeadLetter,
+    /// Set when the record kept only a prefix of the payload.
+    pub truncated: Option<Truncation>,
+}
+
+/// What a truncated record says of the payload it cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    /// The original payload's length.
+    pub payload_bytes: usize,
+    /// Hex SHA-256 of the original payload.
+    pub payload_sha256: String,
+}
+
+/// A record that is not a dead letter this version can read.
 #[derive(Debug, thiserror::Error)]
-pub enum DlqError {
-    /// The publish could not be sent (e.g. not connected, payload too large).
-    #[error("dead letter publish failed: {0}")]
-    Publish(#[source] jetstream::context::PublishError),
-    /// JetStream did not acknowledge the letter (timeout, no stream).
-    #[error("dead letter not acknowledged: {0}")]
-    Ack(#[source] jetstream::context::PublishError),
-    /// No acknowledgement within the publisher's timeout.
-    #[error("dead letter not acknowledged within {0:?}")]
-    Timeout(Duration),
+pub enum DecodeError {
+    #[error("not a dead-letter record: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unknown reason {0:?}")]
+    Reason(String),
+    #[error("payloadBase64 is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("payloadTruncated without payloadBytes and payloadSha256")]
+    Truncation,
 }
 
-impl DlqError {
-    /// Decided from the error's kind: a letter over the server's `max_payload` can
-    /// never be written (the publisher sizes records so that this does not happen);
-    /// everything else (NATS down, no ack in time, the stream missing until the
-    /// topology is applied) may pass: retry later, and meanwhile do not acknowledge.
-    pub fn is_retriable(&self) -> bool {
-        use jetstream::context::PublishErrorKind;
-        match self {
-            DlqError::Publish(e) | DlqError::Ack(e) => {
-                e.kind() != PublishErrorKind::MaxPayloadExceeded
+impl StoredLetter {
+    /// Reads a record written by [`DeadLetter::encode_within`].
+    pub fn decode(record: &[u8]) -> Result<StoredLetter, DecodeError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Record {
+            reason: String,
+            detail: String,
+            topic: Option<String>,
+            client_id: Option<String>,
+            received_at: DateTime<Utc>,
+            device_id: Option<Uuid>,
+            message_id: Option<Uuid>,
+            properties: Option<serde_json::Value>,
+            payload: Option<String>,
+            payload_base64: Option<String>,
+            #[serde(default)]
+            payload_truncated: bool,
+            payload_bytes: Option<usize>,
+            payload_sha256: Option<String>,
+        }
+        let r: Record = serde_json::from_slice(record)?;
+        let reason = DlqReason::parse(&r.reason).ok_or(DecodeError::Reason(r.reason))?;
+        let payload = match (r.payload, r.payload_base64) {
+            (Some(text), _) => Bytes::from(text),
+            (None, Some(b64)) => {
+                Bytes::from(base64::engine::general_purpose::STANDARD.decode(b64)?)
             }
-            DlqError::Timeout(_) => true,
-        }
-    }
-}
-
-/// Publishes dead letters to JetStream and waits for the ack. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct DlqPublisher {
-    js: jetstream::Context,
-    timeout: Duration,
-    max_record_bytes: Option<usize>,
-}
-
-impl DlqPublisher {
-    /// Default time to wait for a JetStream ack.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-    /// NATS's default `max_payload`, assumed while the server has not said its own
-    /// (before the first connect).
-    pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
-    /// Room kept for the message's headers (`Nats-Msg-Id` and the header line), which
-    /// count against `max_payload` too.
-    pub const HEADER_ALLOWANCE: usize = 256;
-
-    pub fn new(js: jetstream::Context) -> Self {
-        DlqPublisher {
-            js,
-            timeout: Self::DEFAULT_TIMEOUT,
-            max_record_bytes: None,
-        }
-    }
-
-    /// Overrides the ack timeout.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Caps records below what the server accepts (they are truncated past it).
-    pub fn with_max_record_bytes(mut self, bytes: usize) -> Self {
-        self.max_record_bytes = Some(bytes);
-        self
-    }
-
-    /// The largest record this publisher writes now: the connected server's
-    /// `max_payload` less [`Self::HEADER_ALLOWANCE`], or the configured cap if lower.
-    pub fn record_limit(&self) -> usize {
-        let server = match self.js.client().server_info().max_payload {
-            0 => Self::DEFAULT_MAX_PAYLOAD,
-            n => n,
+            (None, None) => Bytes::new(),
         };
-        let fits = server.saturating_sub(Self::HEADER_ALLOWANCE);
-        self.max_record_bytes.map_or(fits, |cap| cap.min(fits))
-    }
-
-    /// Publishes `letter` to `telemetry.dlq.<reason>` and awaits the JetStream
-    /// ack. Counts `argus_dlq_dead_lettered_total{reason}` on success and
-    /// `argus_dlq_publish_failures_total` on failure. On `Err`, do not
-    /// acknowledge the original message: the broker will redeliver it.
-    pub async fn publish(&self, letter: DeadLetter) -> Result<(), DlqError> {
-        let result = self.publish_inner(&letter).await;
-        match &result {
-            Ok(()) => metrics::dead_lettered(letter.reason),
-            Err(e) if !e.is_retriable() => {
-                metrics::dlq_publish_failed();
-                metrics::dlq_unwritable(letter.reason);
-                tracing::error!(reason = %letter.reason, error = %e, record_limit = self.record_limit(),
-                    "Dead letter cannot be written: even with no payload it exceeds the server's max_payload; raise max_payload.");
-            }
-            Err(e) => {
-                metrics::dlq_publish_failed();
-                tracing::warn!(reason = %letter.reason, error = %e, "Dead letter not written.");
-            }
-        }
-        result
-    }
-
-    async fn publish_inner(&self, letter: &DeadLetter) -> Result<(), DlqError> {
-        let record = letter.encode_within(self.record_limit());
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(record))
-            .message_id(letter.dedup_id());
-        let ack = self
-            .js
-            .send_publish(letter.reason.subject(), publish)
-            .await
-            .map_err(DlqError::Publish)?;
-        match tokio::time::timeout(self.timeout, std::future::IntoFuture::into_future(ack)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(DlqError::Ack(e)),
-            Err(_) => Err(DlqError::Timeout(self.timeout)),
-        }
+        let truncated = match (r.payload_truncated, r.payload_bytes, r.payload_sha256) {
+            (false, _, _) => None,
+            (true, Some(payload_bytes), Some(payload_sha256)) => Some(Truncation {
+                payload_bytes,
+                payload_sha256,
+            }),
+            (true, _, _) => return Err(DecodeError::Truncation),
+        };
+        Ok(StoredLetter {
+            letter: DeadLetter {
+                reason,
+                detail: r.detail,
+                topic: r.topic,
+                client_id: r.client_id,
+                received_at: r.received_at,
+                payload,
+                device_id: r.device_id,
+                message_id: r.message_id,
+                properties: r.properties,
+            },
+            truncated,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reject::Reject;
 
     fn letter(payload: &'static [u8]) -> DeadLetter {
         DeadLetter::new(
@@ -459,5 +327,55 @@ mod tests {
             serde_json::from_slice(&letter(b"\xff\xfe\x00").encode()).unwrap();
         assert_eq!(v["payloadBase64"], "//4A");
         assert!(v.get("payload").is_none());
+    }
+
+    #[test]
+    fn a_record_reads_back_as_the_letter_it_was() {
+        let mut l = letter(b"{\"t\":1.50}");
+        l.device_id = Some(Uuid::from_u128(7));
+        l.message_id = Some(Uuid::from_u128(8));
+        l.properties = Some(serde_json::json!({"contentType": "application/json"}));
+        let back = StoredLetter::decode(&l.encode()).unwrap();
+        assert!(back.truncated.is_none());
+        let b = back.letter;
+        assert_eq!(b.reason, l.reason);
+        assert_eq!(b.detail, l.detail);
+        assert_eq!(b.topic, l.topic);
+        assert_eq!(b.client_id, l.client_id);
+        assert_eq!(b.received_at, l.received_at);
+        assert_eq!(b.payload, l.payload, "the payload's bytes, as sent");
+        assert_eq!(b.device_id, l.device_id);
+        assert_eq!(b.message_id, l.message_id);
+        assert_eq!(b.properties, l.properties);
+        assert_eq!(b.dedup_id(), l.dedup_id());
+
+        let binary = letter(b"\xff\x00\x01");
+        let b = StoredLetter::decode(&binary.encode()).unwrap().letter;
+        assert_eq!(b.payload, binary.payload);
+    }
+
+    #[test]
+    fn a_truncated_record_says_so_when_read_back() {
+        let mut l = letter(b"");
+        l.payload = Bytes::from(vec![b'a'; 10_000]);
+        let back = StoredLetter::decode(&l.encode_within(2_000)).unwrap();
+        let t = back.truncated.expect("marked truncated");
+        assert_eq!(t.payload_bytes, 10_000);
+        assert_eq!(t.payload_sha256, hex::encode(Sha256::digest(&l.payload)));
+        assert!(back.letter.payload.len() < 10_000);
+    }
+
+    #[test]
+    fn what_is_not_a_record_is_an_error() {
+        assert!(matches!(
+            StoredLetter::decode(b"{oops"),
+            Err(DecodeError::Json(_))
+        ));
+        let mut v: serde_json::Value = serde_json::from_slice(&letter(b"x").encode()).unwrap();
+        v["reason"] = "no_such_reason".into();
+        assert!(matches!(
+            StoredLetter::decode(v.to_string().as_bytes()),
+            Err(DecodeError::Reason(_))
+        ));
     }
 }
