@@ -7,7 +7,10 @@
 //! (empty = `{}`) with known fields only; anything else is 400 `invalid_body` naming
 //! the problem.
 
-use axum::http::{header, HeaderMap};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::Path;
+use axum::http::{header, HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
@@ -49,6 +52,41 @@ impl std::fmt::Debug for AdminToken {
 /// The `{deviceId}` path segment: not a UUID is the same 404 as an unknown device.
 pub fn parse_device_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found("No device with this id."))
+}
+
+/// The path's segments, taken as `Result<Path<T>, PathRejection>` so that a segment
+/// axum cannot decode (invalid UTF-8 after percent-decoding) answers the stable JSON
+/// 404 `not_found` with `message`, after the admin check, instead of axum's plain-text
+/// 400. Such a segment is no UUID, so it names nothing, like any other non-UUID.
+pub fn path_segments<T>(
+    path: Result<Path<T>, PathRejection>,
+    message: &'static str,
+) -> Result<T, ApiError> {
+    path.map(|Path(segments)| segments).map_err(|e| {
+        tracing::debug!(error = %e, "Undecodable path segment.");
+        ApiError::not_found(message)
+    })
+}
+
+/// Largest operator request body (axum's default for a buffered body, 2 MiB).
+pub const MAX_ADMIN_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// The request body, taken as `Result<Bytes, BytesRejection>` so that a body over
+/// [`MAX_ADMIN_BODY_BYTES`] answers the stable JSON 413 `payload_too_large` (and an
+/// unreadable one 400 `invalid_body`) instead of axum's plain text.
+pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("The request body is larger than {MAX_ADMIN_BODY_BYTES} bytes."),
+            )
+        } else {
+            tracing::debug!(error = %e, "Could not read an operator request body.");
+            ApiError::bad_request("invalid_body", "request body: could not be read")
+        }
+    })
 }
 
 /// The body as a JSON object (an empty or blank body = `{}`), refusing fields not in

@@ -18,39 +18,110 @@
 
 use argus_pki::{PkiError, RevocationReason, Subject};
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::admin::{body_object, parse_device_id};
+use crate::admin::{body_bytes, body_object, parse_device_id, path_segments};
 use crate::error::ApiError;
+use crate::openapi::ErrorBody;
 use crate::state::AppState;
 pub use crate::state::CertState;
 
 /// The certificate routes of the app (merged by [`crate::build_app`]): empty when the
-/// state has no certificate API (no `--pki-dir`), so the paths answer 404.
-pub fn router(state: &AppState) -> Router {
+/// state has no certificate API (no `--pki-dir`), so the paths answer 404 (and the
+/// document does not describe them).
+pub fn router(state: &AppState) -> OpenApiRouter {
     match state.certificates() {
-        Some(cert) => standalone(cert.clone()),
-        None => Router::new(),
+        Some(cert) => routes(cert.clone()),
+        None => OpenApiRouter::new(),
     }
 }
 
-/// The certificate routes alone, with their state applied: what [`router`] mounts,
-/// and what a test or another binary can serve without an [`AppState`].
-pub fn standalone(state: CertState) -> Router {
-    Router::new()
-        .route(
-            "/api/v1/devices/{device_id}/certificate",
-            post(issue).delete(revoke),
-        )
-        .route("/pki/crl.der", get(crl_der))
-        .route("/pki/crl.pem", get(crl_pem))
+/// The certificate routes with their state applied, and their part of the document.
+pub fn routes(state: CertState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(issue, revoke))
+        .routes(routes!(crl_der))
+        .routes(routes!(crl_pem))
         .with_state(state)
+}
+
+/// The certificate routes alone: what [`router`] mounts, and what a test or another
+/// binary can serve without an [`AppState`].
+pub fn standalone(state: CertState) -> Router {
+    routes(state).split_for_parts().0
+}
+
+/// `POST .../certificate` body (optional; empty = `{}`).
+// `deny_unknown_fields` and the renames shape the schema (`additionalProperties: false`,
+// camelCase names): the body is read by hand, refusing unknown fields.
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = IssueCertificateRequest)]
+#[allow(dead_code)] // A schema only: `parse_issue_body` reads the body.
+pub struct IssueBody {
+    /// Days of validity, 1 to 365 (default 365); `null` = the default.
+    #[schema(minimum = 1, maximum = 365, value_type = Option<u32>)]
+    validity_days: Option<u32>,
+    /// A PEM `CERTIFICATE REQUEST` (the key stays on the device); absent or `null`: the
+    /// CA makes the key pair and returns its private key.
+    csr: Option<String>,
+}
+
+/// `DELETE .../certificate` body (optional; empty = `{}`).
+// `deny_unknown_fields` and the renames shape the schema (`additionalProperties: false`,
+// camelCase names): the body is read by hand, refusing unknown fields.
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = RevokeCertificateRequest)]
+#[allow(dead_code)] // A schema only.
+pub struct RevokeBody {
+    /// An RFC 5280 reason in camelCase (`keyCompromise`, `superseded`, ...); absent or
+    /// `null`: `unspecified`.
+    reason: Option<String>,
+}
+
+/// `POST .../certificate` answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificate {
+    /// Always `true`.
+    pub success: bool,
+    pub device_id: uuid::Uuid,
+    /// PEM; CN = the device id.
+    pub certificate: String,
+    /// PEM; only when no CSR was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub private_key: Option<String>,
+    /// PEM of the issuing CA.
+    pub ca_certificate: String,
+    /// Hex.
+    pub serial_number: String,
+    pub fingerprint_sha256: String,
+    pub not_before: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `DELETE .../certificate` answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedCertificates {
+    /// Always `true`.
+    pub success: bool,
+    pub device_id: uuid::Uuid,
+    /// Every certificate revoked now (empty when none was active).
+    pub revoked_serial_numbers: Vec<String>,
+    pub reason: String,
 }
 
 /// Maps a CA failure: the caller's input is a 400 naming the field; the rest is ours.
@@ -123,14 +194,39 @@ fn chrono_time(t: time::OffsetDateTime) -> DateTime<Utc> {
 }
 
 /// `POST /api/v1/devices/{deviceId}/certificate`
-async fn issue(
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{deviceId}/certificate",
+    tag = "certificates",
+    security(("adminToken" = [])),
+    params(("deviceId" = uuid::Uuid, Path, description = "The device's id (the certificate's CN).")),
+    request_body(content = Option<IssueBody>, content_type = "application/json",
+        description = "Optional; an empty body issues a 365-day certificate with a new key."),
+    responses(
+        (status = 201, description = "Issued and recorded.", body = IssuedCertificate),
+        (status = 400, description = "`invalid_body`: malformed JSON, not an object, an unknown \
+            field, a bad validityDays or csr.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 2 MiB.", body = ErrorBody),
+        (status = 409, description = "`device_decommissioned`: the device gets no new \
+            certificate.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no admin bearer token.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a wrong admin token.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such device (or the id is not a UUID).", body = ErrorBody),
+        (status = 500, description = "`internal`: a bug or a CA failure (no details).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: Postgres is down or slow, or the PKI \
+            directory is busy.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait.")))
+    )
+)]
+pub async fn issue(
     State(state): State<CertState>,
-    UrlPath(device_id): UrlPath<String>,
+    path: Result<UrlPath<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     state.admin.check(&headers)?;
-    let device_id = parse_device_id(&device_id)?;
+    let device_id = parse_device_id(&path_segments(path, "No device with this id.")?)?;
+    let body = body_bytes(body)?;
     let request = parse_issue_body(&body)?;
     let mut client = state.pool.get().await?;
     let status: Option<String> = client
@@ -199,31 +295,53 @@ async fn issue(
     }
     tracing::info!(%device_id, serial = %issued.serial_hex, %not_after, "Issued a device certificate.");
 
-    let mut out = json!({
-        "success": true,
-        "deviceId": device_id,
-        "certificate": issued.certificate_pem,
-        "caCertificate": state.ca.ca_certificate_pem(),
-        "serialNumber": issued.serial_hex,
-        "fingerprintSha256": issued.fingerprint_sha256,
-        "notBefore": not_before,
-        "expiresAt": not_after,
-    });
-    if let (Some(key), Some(obj)) = (issued.private_key_pem, out.as_object_mut()) {
-        obj.insert("privateKey".into(), Value::String(key));
-    }
+    let out = IssuedCertificate {
+        success: true,
+        device_id,
+        certificate: issued.certificate_pem,
+        private_key: issued.private_key_pem,
+        ca_certificate: state.ca.ca_certificate_pem().to_owned(),
+        serial_number: issued.serial_hex,
+        fingerprint_sha256: issued.fingerprint_sha256,
+        not_before,
+        expires_at: not_after,
+    };
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 /// `DELETE /api/v1/devices/{deviceId}/certificate`
-async fn revoke(
+#[utoipa::path(
+    delete,
+    path = "/api/v1/devices/{deviceId}/certificate",
+    tag = "certificates",
+    security(("adminToken" = [])),
+    params(("deviceId" = uuid::Uuid, Path, description = "The device's id (the certificate's CN).")),
+    request_body(content = Option<RevokeBody>, content_type = "application/json",
+        description = "Optional; an empty body revokes with reason `unspecified`."),
+    responses(
+        (status = 200, description = "Every active certificate of the device is revoked and \
+            the CRL rewritten.", body = RevokedCertificates),
+        (status = 400, description = "`invalid_body`: malformed JSON, not an object, an unknown \
+            field, or an unknown reason.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 2 MiB.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no admin bearer token.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a wrong admin token.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such device (or the id is not a UUID).", body = ErrorBody),
+        (status = 500, description = "`internal`: a bug or a CA failure (no details).", body = ErrorBody),
+        (status = 503, description = "`unavailable`: Postgres is down or slow, or the PKI \
+            directory is busy.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait.")))
+    )
+)]
+pub async fn revoke(
     State(state): State<CertState>,
-    UrlPath(device_id): UrlPath<String>,
+    path: Result<UrlPath<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     state.admin.check(&headers)?;
-    let device_id = parse_device_id(&device_id)?;
+    let device_id = parse_device_id(&path_segments(path, "No device with this id.")?)?;
+    let body = body_bytes(body)?;
     let map = body_object(&body, &["reason"])?;
     let reason = match map.get("reason") {
         None | Some(Value::Null) => RevocationReason::Unspecified,
@@ -279,12 +397,12 @@ async fn revoke(
     ?;
     tx.commit().await?;
     tracing::info!(%device_id, revoked = serials.len(), %reason, "Revoked device certificates.");
-    Ok(Json(json!({
-        "success": true,
-        "deviceId": device_id,
-        "revokedSerialNumbers": serials,
-        "reason": reason.as_str(),
-    }))
+    Ok(Json(RevokedCertificates {
+        success: true,
+        device_id,
+        revoked_serial_numbers: serials,
+        reason: reason.as_str().to_owned(),
+    })
     .into_response())
 }
 
@@ -300,14 +418,36 @@ fn crl_response(bytes: Vec<u8>, content_type: &'static str) -> Response {
 }
 
 /// `GET /pki/crl.der`
-async fn crl_der(State(state): State<CertState>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/pki/crl.der",
+    tag = "certificates",
+    responses(
+        (status = 200, description = "The current CRL, DER.", content_type = "application/pkix-crl", body = Vec<u8>),
+        (status = 500, description = "`internal`: the CRL could not be read.", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the PKI directory is busy.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait.")))
+    )
+)]
+pub async fn crl_der(State(state): State<CertState>) -> Result<Response, ApiError> {
     let ca = state.ca.clone();
     let der = blocking(move || ca.crl_der()).await?;
     Ok(crl_response(der, "application/pkix-crl"))
 }
 
 /// `GET /pki/crl.pem`
-async fn crl_pem(State(state): State<CertState>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/pki/crl.pem",
+    tag = "certificates",
+    responses(
+        (status = 200, description = "The current CRL, PEM.", content_type = "application/x-pem-file", body = String),
+        (status = 500, description = "`internal`: the CRL could not be read.", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the PKI directory is busy.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait.")))
+    )
+)]
+pub async fn crl_pem(State(state): State<CertState>) -> Result<Response, ApiError> {
     let ca = state.ca.clone();
     let pem = blocking(move || ca.crl_pem()).await?;
     Ok(crl_response(pem.into_bytes(), "application/x-pem-file"))

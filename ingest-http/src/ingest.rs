@@ -27,14 +27,15 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::post;
-use axum::Router;
 use chrono::Utc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::authenticate;
 use crate::error::ApiError;
 use crate::metrics::{reject, Rejection};
-use crate::outcome::{self, Sent};
+use crate::openapi::{ErrorBody, IngestBody};
+use crate::outcome::{self, Accepted, Sent};
 use crate::ratelimit::retry_after_secs;
 use crate::readings::{self, Context};
 use crate::request::{self, check_supplied_id, Shape};
@@ -45,9 +46,9 @@ pub use crate::auth::API_KEY_HEADER;
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 /// The ingest route, with its state applied (merged by [`crate::build_app`]).
-pub fn router(state: &AppState) -> Router {
-    Router::new()
-        .route("/api/v1/telemetry/ingest", post(ingest))
+pub fn router(state: &AppState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(ingest))
         .with_state(state.clone())
 }
 
@@ -111,6 +112,48 @@ async fn read_body(
 }
 
 /// `POST /api/v1/telemetry/ingest`
+#[utoipa::path(
+    post,
+    path = "/api/v1/telemetry/ingest",
+    tag = "ingest",
+    security(("apiKey" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,200}$",
+         description = "Seeds the message ids: a single reading's is the key, reading `i` of a \
+            batch the key, NUL, `i`. 1 to 200 visible ASCII characters (else 400 `invalid_header`).")
+    ),
+    request_body(content = IngestBody, content_type = "application/json",
+        description = "One reading, or an array of 1 to --max-batch-readings readings."),
+    responses(
+        (status = 200, description = "Every reading is committed in Postgres and acknowledged \
+            by JetStream (`duplicate`: it was already stored with the same content).", body = Accepted),
+        (status = 400, description = "`invalid_body` (malformed JSON, a repeated key, a wrong, \
+            missing or unknown field, an empty or too long batch; the message starts with the \
+            field's path) or `invalid_header` (Idempotency-Key). Nothing stored.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no X-API-Key.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is malformed, unknown, revoked or \
+            expired; its device is unknown or not active; a reading's deviceId is not the key's \
+            device. Nothing stored.", body = ErrorBody),
+        (status = 409, description = "`id_conflict`: a reading's message id is stored with \
+            other content; it is dead-lettered, the batch's other readings are stored \
+            (`error.details.conflicts`, `error.details.messageIds`).", body = ErrorBody),
+        (status = 413, description = "`payload_too_large` (body over --body-limit) or \
+            `reading_too_large` (one reading over --max-reading-bytes, or its envelope over \
+            NATS's max_payload). Nothing stored.", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: Content-Type is not \
+            application/json. Nothing stored.", body = ErrorBody),
+        (status = 422, description = "`duplicate_message_id` (a batch names one message id \
+            twice; nothing stored) or `unstorable` (Postgres refused readings for a data \
+            reason; they are dead-lettered, the others stored).", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the device's rate limit, or the client \
+            address's key look-up limit. Nothing stored.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry may pass."))),
+        (status = 503, description = "`overloaded` (in-flight requests or bytes) or \
+            `unavailable` (Postgres or NATS down or slow, the sink full, shutting down). The \
+            readings may still land: retry with the same body or Idempotency-Key.",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait.")))
+    )
+)]
 pub async fn ingest(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let _slot = state.admission().try_request()?;
     let peer: Option<IpAddr> = request

@@ -28,6 +28,8 @@
 //! - [`admin`]: what operator endpoints share: the admin bearer-token check, the
 //!   device id in the path, the JSON object body.
 //! - [`health`]: `/health`, `/ready` and `/metrics`.
+//! - [`openapi`]: the OpenAPI 3.1 document, generated from the routes' annotations
+//!   (the router and the document come from one route list), served at `/openapi.json`.
 //! - [`ratelimit`]: keyed rate limits, per device and per client address (`governor`'s
 //!   keyed GCRA limiter).
 //! - [`usage`]: throttled background `last_used_at` updates.
@@ -50,6 +52,7 @@ pub mod health;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;
+pub mod openapi;
 pub mod outcome;
 pub mod preauth;
 pub mod ratelimit;
@@ -67,6 +70,8 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use config::{Cli, Config, Limits};
 pub use state::{AppState, StartError};
@@ -76,15 +81,30 @@ use crate::error::ApiError;
 /// The whole HTTP API: every module's routes, merged; then the JSON 404 and 405
 /// fallbacks and the request metrics, which apply to all of them.
 pub fn build_app(state: AppState) -> Router {
-    Router::new()
+    build_app_and_document(state).0
+}
+
+/// [`build_app`], and the OpenAPI document of exactly its routes (what
+/// `/openapi.json` serves). Every route is mounted through [`OpenApiRouter::routes`],
+/// so the router and the document come from one list; the document is rendered once,
+/// here.
+pub fn build_app_and_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let document = openapi::Document::default();
+    let (router, api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(ingest::router(&state))
         .merge(keys::router(&state))
         .merge(certificates::router(&state))
         .merge(health::router(&state))
+        .merge(openapi::router(&document))
+        .split_for_parts();
+    let api = openapi::finish(api, state.limits());
+    document.set(&api);
+    let router = router
         .fallback(not_found)
         // After the merges: it applies to the routes registered so far.
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn(track));
+    (router, api)
 }
 
 /// Serves `build_app(state)` on `listener` until `shutdown` completes: in-flight

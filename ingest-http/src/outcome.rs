@@ -15,13 +15,55 @@ use argus_pipeline::sink::Delivered;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::metrics::{self as m, reject, Rejection};
 use crate::readings::{label, Unit};
 use crate::request::Shape;
+
+/// The 200 answer: a single reading's, or a batch's (by the request's shape).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Accepted {
+    Single(AcceptedReading),
+    Batch(AcceptedBatch),
+}
+
+/// A single reading, durable in Postgres and acknowledged by JetStream.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcceptedReading {
+    /// Always `true`.
+    pub success: bool,
+    /// `telemetry_raw.id`, the `Nats-Msg-Id`.
+    pub message_id: Uuid,
+    /// Already stored with the same content (a retry): nothing new was written.
+    pub duplicate: bool,
+}
+
+/// A batch, every reading durable.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcceptedBatch {
+    /// Always `true`.
+    pub success: bool,
+    /// The readings' ids, in request order.
+    pub message_ids: Vec<Uuid>,
+    /// Per reading, in request order.
+    pub readings: Vec<BatchReading>,
+}
+
+/// One reading of [`AcceptedBatch`].
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchReading {
+    pub message_id: Uuid,
+    pub duplicate: bool,
+}
 
 /// The unit's ids and where they came from, as sent to the sink.
 #[derive(Debug)]
@@ -119,21 +161,26 @@ pub fn respond(sent: &Sent, delivered: &Delivered) -> Result<Response, ApiError>
     let duplicates = duplicate.iter().filter(|d| **d).count();
     metrics::counter!(m::READINGS_ACCEPTED_TOTAL).increment(total as u64);
     metrics::counter!(m::READINGS_DUPLICATE_TOTAL).increment(duplicates as u64);
-    let body = match sent.shape {
-        Shape::Single => json!({
-            "success": true,
-            "messageId": sent.ids.first(),
-            "duplicate": duplicate.first().copied().unwrap_or(false),
+    let body = match (sent.shape, sent.ids.first()) {
+        (Shape::Single, Some(&message_id)) => Accepted::Single(AcceptedReading {
+            success: true,
+            message_id,
+            duplicate: duplicate.first().copied().unwrap_or(false),
         }),
-        Shape::Batch => {
-            let readings: Vec<Value> = sent
+        // A batch (a unit is never empty; if it were, it would answer as an empty batch).
+        _ => Accepted::Batch(AcceptedBatch {
+            success: true,
+            message_ids: sent.ids.clone(),
+            readings: sent
                 .ids
                 .iter()
                 .zip(&duplicate)
-                .map(|(id, dup)| json!({"messageId": id, "duplicate": dup}))
-                .collect();
-            json!({"success": true, "messageIds": sent.ids, "readings": readings})
-        }
+                .map(|(&message_id, &duplicate)| BatchReading {
+                    message_id,
+                    duplicate,
+                })
+                .collect(),
+        }),
     };
     Ok(Json(body).into_response())
 }
