@@ -35,6 +35,7 @@ relocate_stack_if_unreachable() {
   chmod 0755 /var/lib/argus-stack "$dir"
   ln -s "$dir" "$ROOT/.stack"
   STACK="$dir" PIDS="$dir/pids" LOGS="$dir/logs" PKI_DIR="$dir/pki"
+  ALERTS_FILE="$dir/alerts/notifications.jsonl" CRL_METRIC_FILE="$dir/crl-exporter/argus_pki_crl.prom"
   info "$ROOT is not reachable by the postgres and mosquitto users: the state lives in $dir (.stack links there)"
 }
 
@@ -50,6 +51,13 @@ BRIDGE_PORTS=(17901 17902)
 # bridge-<replica>-<connection> (the broker takes the client id from the CN).
 BRIDGE_CONNECTIONS=2
 HTTP_PORT=17080
+# Monitoring: Prometheus, Alertmanager (cluster gossip off), the webhook receiver that
+# stores Alertmanager's notifications, and the node exporter that serves the CRL's next
+# update (textfile collector only). Never the packages' system services on 9090/9093/9100.
+PROMETHEUS_PORT=17090
+ALERTMANAGER_PORT=17093
+ALERT_RECEIVER_PORT=17095
+CRL_EXPORTER_PORT=17100
 
 DEMO_DEVICE_ID=0d000000-0000-4000-8000-000000000001
 
@@ -58,12 +66,21 @@ REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 NATS_URLS="nats://127.0.0.1:${NATS_CLIENT_PORTS[0]},nats://127.0.0.1:${NATS_CLIENT_PORTS[1]},nats://127.0.0.1:${NATS_CLIENT_PORTS[2]}"
 MQTT_URL="mqtts://127.0.0.1:$MQTT_PORT"
 INGEST_HTTP_URL="http://127.0.0.1:$HTTP_PORT"
+PROMETHEUS_URL="http://127.0.0.1:$PROMETHEUS_PORT"
+ALERTMANAGER_URL="http://127.0.0.1:$ALERTMANAGER_PORT"
+# Every notification the receiver got, one JSON line each (compose/lib/alert-receiver).
+ALERTS_FILE="$STACK/alerts/notifications.jsonl"
+# The CRL's next update as Prometheus text (compose/lib/crl-metric), served by crl-exporter.
+CRL_METRIC_FILE="$STACK/crl-exporter/argus_pki_crl.prom"
 
 # Stop order (reverse of start order). compose/down also stops any other pid file it finds.
-STOP_ORDER=(crl-watch ingest-http bridge-1 bridge-0 mosquitto nats-2 nats-1 nats-0 redis postgres)
+STOP_ORDER=(prometheus alertmanager alert-receiver crl-exporter crl-watch ingest-http bridge-1 bridge-0 mosquitto nats-2 nats-1 nats-0 redis postgres)
 
 # Debian packages the stack runs on.
-STACK_PACKAGES=(postgresql redis-server redis-tools nats-server mosquitto mosquitto-clients openssl curl gcc jq iproute2)
+# Debian's prometheus and prometheus-alertmanager also install system services
+# (9090, 9093); the stack starts its own instances and never relies on those.
+STACK_PACKAGES=(postgresql redis-server redis-tools nats-server mosquitto mosquitto-clients openssl curl gcc jq iproute2
+  prometheus prometheus-alertmanager prometheus-node-exporter python3)
 
 if [[ -t 1 ]]; then
   C_B=$'\e[1m' C_G=$'\e[32m' C_R=$'\e[31m' C_Y=$'\e[33m' C_0=$'\e[0m'
@@ -165,6 +182,10 @@ cmd_pattern() {
     bridge-*) echo argus-bridge ;;
     ingest-http) echo argus-ingest-http ;;
     crl-watch) echo crl-watch ;;
+    prometheus) echo prometheus ;;
+    alertmanager) echo prometheus-alertmanager ;;
+    alert-receiver) echo alert-receiver ;;
+    crl-exporter) echo prometheus-node-exporter ;;
     *) echo "" ;;
   esac
 }
@@ -287,6 +308,10 @@ redis_ping() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" 
 nats_healthy() { http_ok "http://127.0.0.1:${NATS_HTTP_PORTS[$1]}/healthz?js-server-only=true"; }
 bridge_ready() { http_ok "http://127.0.0.1:${BRIDGE_PORTS[$1]}/ready"; }
 http_healthy() { http_ok "$INGEST_HTTP_URL/health"; }
+prometheus_ready() { http_ok "$PROMETHEUS_URL/-/ready"; }
+alertmanager_ready() { http_ok "$ALERTMANAGER_URL/-/ready"; }
+alert_receiver_ok() { http_ok "http://127.0.0.1:$ALERT_RECEIVER_PORT/"; }
+crl_exporter_ok() { http_ok "http://127.0.0.1:$CRL_EXPORTER_PORT/metrics"; }
 
 # Takes the stack's lock (one compose/up or compose/down at a time) on fd 9.
 # Daemons are started with fd 9 closed, so they never hold it.
