@@ -80,7 +80,7 @@ STOP_ORDER=(prometheus alertmanager alert-receiver crl-exporter crl-watch ingest
 # Debian's prometheus and prometheus-alertmanager also install system services
 # (9090, 9093); the stack starts its own instances and never relies on those.
 STACK_PACKAGES=(postgresql redis-server redis-tools nats-server mosquitto mosquitto-clients openssl curl gcc jq iproute2
-  prometheus prometheus-alertmanager prometheus-node-exporter python3)
+  prometheus prometheus-alertmanager prometheus-node-exporter python3 python3-venv)
 
 if [[ -t 1 ]]; then
   C_B=$'\e[1m' C_G=$'\e[32m' C_R=$'\e[31m' C_Y=$'\e[33m' C_0=$'\e[0m'
