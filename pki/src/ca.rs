@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint,
-    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
-    KeyUsagePurpose, PublicKeyData, RevokedCertParams, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    CrlIssuingDistributionPoint, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData, RevokedCertParams, SerialNumber,
+    PKCS_ECDSA_P256_SHA256,
 };
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
@@ -836,7 +837,18 @@ impl Ca {
             this_update: start - Duration::minutes(1),
             next_update: start + Duration::days(CRL_NEXT_UPDATE_DAYS),
             crl_number: SerialNumber::from_slice(&number_bytes[first..]),
-            issuing_distribution_point: None,
+            // The same URL as the certificates' CRL distribution point: a CRL
+            // without it is not applied by EMQX's CRL check, and one whose
+            // point differs from the certificate's does not cover it (RFC 5280
+            // §5.2.5, §6.3.3).
+            issuing_distribution_point: (!self.crl_url.is_empty()).then(|| {
+                CrlIssuingDistributionPoint {
+                    distribution_point: CrlDistributionPoint {
+                        uris: vec![self.crl_url.clone()],
+                    },
+                    scope: None,
+                }
+            }),
             revoked_certs,
             key_identifier_method: KeyIdMethod::PreSpecified(self.key_id.clone()),
         };

@@ -7,6 +7,7 @@
 //!
 //! Layout:
 //! - [`ca`]: [`Ca`] (`init`, `load`, `issue`, `revoke`, `write_crl`), [`Subject`], [`Issued`].
+//! - [`profile`]: [`Profile`]: `--profile production` refuses a CRL URL a broker cannot reach.
 //! - [`index`]: `index.json`, the record of every issued serial and its revocation.
 //! - [`files`]: atomic writes with explicit modes (keys 0600, the rest 0644) and the
 //!   directory lock that serialises writers (CLI and HTTP API on one directory).
@@ -18,6 +19,7 @@
 pub mod ca;
 pub mod files;
 pub mod index;
+pub mod profile;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -27,6 +29,7 @@ pub use ca::{
     DEFAULT_VALIDITY_DAYS, MAX_BRIDGE_VALIDITY_DAYS, MAX_DEVICE_VALIDITY_DAYS,
 };
 pub use index::{CertKind, IndexEntry};
+pub use profile::Profile;
 
 /// Errors of every PKI operation.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,8 @@ pub enum PkiError {
     CorruptIndex(String),
     #[error("{0}")]
     Parse(String),
+    #[error("{0}")]
+    InvalidCrlUrl(String),
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use argus_pki::{Ca, RevocationReason, Subject};
+use argus_pki::{Ca, Profile, RevocationReason, Subject};
 use clap::{Args, Parser, Subcommand};
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -36,6 +36,8 @@ enum Command {
         /// Extra subject alternative names for the broker (added to localhost and 127.0.0.1).
         #[arg(long = "san", env = "ARGUS_PKI_SANS", value_delimiter = ',')]
         sans: Vec<String>,
+        #[command(flatten)]
+        crl: CrlArgs,
     },
     /// Issue a client certificate (CN = the id, EKU clientAuth).
     Issue(IssueArgs),
@@ -50,10 +52,12 @@ enum Command {
         /// RFC 5280 reason: unspecified, keyCompromise, superseded, cessationOfOperation, ...
         #[arg(long, default_value = "unspecified")]
         reason: RevocationReason,
+        #[command(flatten)]
+        crl: CrlArgs,
     },
     /// Write a fresh CRL (crl.pem, crl.der) with a new number and next update in 7 days.
     /// Run it daily and reload the broker (Mosquitto: SIGHUP).
-    Crl,
+    Crl(CrlArgs),
     /// List the certificates recorded in the index.
     List,
 }
@@ -75,9 +79,30 @@ struct IssueArgs {
     /// Write the files here instead of DIR/devices or DIR/bridges.
     #[arg(long)]
     out_dir: Option<PathBuf>,
-    /// CRL distribution point written into the certificate.
+    #[command(flatten)]
+    crl: CrlArgs,
+}
+
+/// Where the CRL is published: written into certificates (CRL distribution point)
+/// and into the CRL (its Issuing Distribution Point), which must agree.
+#[derive(Debug, Args)]
+struct CrlArgs {
+    /// The CRL's URL: the certificates' CRL distribution point and the CRL's Issuing
+    /// Distribution Point. Give the same value to every command on one directory.
     #[arg(long, env = "ARGUS_PKI_CRL_URL", default_value = argus_pki::DEFAULT_CRL_URL)]
     crl_url: String,
+    /// `production` refuses a CRL URL that is empty or loopback (the default is the
+    /// local stack's loopback sidecar, which a production broker cannot reach).
+    #[arg(long, env = "ARGUS_PKI_PROFILE", value_enum, default_value_t = Profile::Local)]
+    profile: Profile,
+}
+
+impl CrlArgs {
+    /// The CA in `dir` with this CRL URL, once the profile accepts it.
+    fn ca(&self, dir: &std::path::Path) -> anyhow::Result<Ca> {
+        self.profile.check_crl_url(&self.crl_url)?;
+        Ok(Ca::load(dir)?.with_crl_url(self.crl_url.clone()))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,9 +116,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = cli.dir;
     match cli.command {
-        Command::Init { sans } => {
+        Command::Init { sans, crl } => {
+            crl.profile.check_crl_url(&crl.crl_url)?;
             let report = Ca::init(&dir, &sans)?;
             print!("{report}");
+            if crl.crl_url != argus_pki::DEFAULT_CRL_URL {
+                // `init` wrote the CRL for the default URL: write it for this one.
+                let info = crl.ca(&dir)?.write_crl()?;
+                println!("crl: rewritten for --crl-url (#{})", info.number);
+            }
         }
         Command::Issue(args) => {
             let subject = match (args.device, args.bridge) {
@@ -108,7 +139,7 @@ fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let ca = Ca::load(&dir)?.with_crl_url(args.crl_url);
+            let ca = args.crl.ca(&dir)?;
             let issued = ca.issue(&subject, args.days, csr.as_deref())?;
             let out = args
                 .out_dir
@@ -129,8 +160,9 @@ fn main() -> anyhow::Result<()> {
             serial,
             device,
             reason,
+            crl,
         } => {
-            let ca = Ca::load(&dir)?;
+            let ca = crl.ca(&dir)?;
             match (serial, device) {
                 (Some(serial), None) => {
                     if ca.revoke(&serial, reason)? {
@@ -155,8 +187,8 @@ fn main() -> anyhow::Result<()> {
                 dir.join(argus_pki::ca::paths::CRL_PEM).display()
             );
         }
-        Command::Crl => {
-            let info = Ca::load(&dir)?.write_crl()?;
+        Command::Crl(crl) => {
+            let info = crl.ca(&dir)?.write_crl()?;
             println!(
                 "crl #{} with {} revoked serial(s), next update {}: {} and {}",
                 info.number,
