@@ -81,6 +81,11 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_HTTP_CRL_URL")]
     pub crl_url: Option<String>,
 
+    /// With --pki-dir: re-sign the CRL once it is older than this (e.g. `1d`, `12h`); at
+    /// most 6 days, a day inside its 7-day next update.
+    #[arg(long, env = "ARGUS_HTTP_CRL_MAX_AGE", default_value = "1d")]
+    pub crl_max_age: String,
+
     /// Broker pid file: the broker gets SIGHUP after each CRL change (local stack's Mosquitto).
     #[arg(long, env = "ARGUS_HTTP_BROKER_PID_FILE")]
     pub broker_pid_file: Option<PathBuf>,
@@ -176,6 +181,8 @@ pub struct Config {
     pub admin_token: AdminToken,
     pub pki_dir: Option<PathBuf>,
     pub crl_url: Option<String>,
+    /// `--crl-max-age`: the sidecar re-signs an older CRL (`ingest-http/src/crl.rs`).
+    pub crl_max_age: Duration,
     pub broker_pid_file: Option<PathBuf>,
     pub limits: Limits,
     pub batch_size: usize,
@@ -299,6 +306,17 @@ impl Cli {
             .batch
             .validate(self.max_reading_bytes, "--max-reading-bytes")?;
         let shutdown_timeout = self.shutdown.validate()?;
+        let crl_max_age =
+            parse_duration(&self.crl_max_age).map_err(|r| invalid("crl-max-age", r))?;
+        // A day short of the CRL's next update, so a missed re-sign leaves a day to notice.
+        let longest =
+            Duration::from_secs((argus_pki::ca::CRL_NEXT_UPDATE_DAYS as u64 - 1) * 86_400);
+        if crl_max_age.is_zero() || crl_max_age > longest {
+            return Err(invalid(
+                "crl-max-age",
+                "must be more than 0 and at most 6d (the CRL's next update is 7 days out)",
+            ));
+        }
         Ok(Config {
             listen,
             redis_url: self.redis.url(),
@@ -309,6 +327,7 @@ impl Cli {
             admin_token: AdminToken::new(self.admin_token),
             pki_dir: self.pki_dir,
             crl_url: self.crl_url.filter(|u| !u.trim().is_empty()),
+            crl_max_age,
             broker_pid_file: self.broker_pid_file,
             limits: Limits {
                 body_limit: self.body_limit,

@@ -25,6 +25,7 @@
 //! - [`apikey`]: key format, generation (OS CSPRNG) and SHA-256 digest.
 //! - [`keys`]: admin endpoints to create, list and revoke API keys.
 //! - [`certificates`]: the device certificate API (issue, revoke, CRL), with `--pki-dir`.
+//! - [`crl`]: re-signs the CRL past `--crl-max-age`; its age as a metric.
 //! - [`admin`]: what operator endpoints share: the admin bearer-token check, the
 //!   device id in the path, the JSON object body.
 //! - [`health`]: `/health`, `/ready` and `/metrics`.
@@ -47,6 +48,7 @@ pub mod apikey;
 pub mod auth;
 pub mod certificates;
 pub mod config;
+pub mod crl;
 pub mod error;
 pub mod health;
 pub mod ingest;

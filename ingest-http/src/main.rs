@@ -13,7 +13,15 @@ async fn main() -> anyhow::Result<()> {
 
     let listen = config.listen;
     let shutdown_timeout = config.shutdown_timeout;
+    let crl_max_age = config.crl_max_age;
     let state = AppState::connect(config).await?;
+    if let Some(cert) = state.certificates() {
+        argus_ingest_http::crl::describe();
+        tokio::spawn(argus_ingest_http::crl::keep_fresh(
+            cert.clone(),
+            crl_max_age,
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("could not bind --listen {listen}"))?;

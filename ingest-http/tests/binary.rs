@@ -116,3 +116,86 @@ async fn serves_from_env_and_stops_gracefully_on_sigterm() {
     assert!(!stderr.contains(api_key_secret(&key)));
     assert!(stderr.contains("Sink closed"), "{stderr}");
 }
+
+/// The CRL number and next update of `dir`'s CRL, from `openssl crl`.
+fn crl_number(dir: &std::path::Path) -> u64 {
+    let out = Command::new("openssl")
+        .args(["crl", "-in"])
+        .arg(dir.join("crl.pem"))
+        .args(["-noout", "-crlnumber"])
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text
+        .trim()
+        .trim_start_matches("crlNumber=")
+        .trim_start_matches("0x");
+    u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("crl number in {text:?}"))
+}
+
+#[tokio::test]
+async fn re_signs_the_crl_past_its_max_age_and_reports_its_age() {
+    // Refused: a max age the 7-day next update does not leave room for.
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("DATABASE_URL", "postgres://x@127.0.0.1:1/none")
+        .env("NATS_URLS", "nats://127.0.0.1:1")
+        .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("ARGUS_HTTP_CRL_MAX_AGE", "7d")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--crl-max-age"));
+
+    let (db, nats) = tokio::join!(argus_testkit::pg::TestDb::create(), NatsServer::start());
+    prepare_database(db.url()).await;
+    apply_streams(&nats.url()).await;
+    let pki = tempfile::tempdir().unwrap();
+    argus_pki::Ca::init(pki.path(), &[]).unwrap();
+    let first = crl_number(pki.path());
+    let port = argus_testkit::free_port();
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("DATABASE_URL", db.url())
+        .env("NATS_URLS", nats.url())
+        .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("ARGUS_PKI_DIR", pki.path())
+        .env("ARGUS_HTTP_CRL_MAX_AGE", "1s")
+        .env("ARGUS_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(argus_testkit::wait_for_port(port, Duration::from_secs(20)).await);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while crl_number(pki.path()) < first + 2 {
+        assert!(Instant::now() < deadline, "the CRL was not re-signed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+    };
+    assert!(value("argus_pki_crl_resigned_total") >= 2.0);
+    // Since its thisUpdate, which argus-pki back-dates by a minute for clock skew.
+    let age = value("argus_pki_crl_age_seconds");
+    assert!((60.0..70.0).contains(&age), "age {age}");
+    let next = value("argus_pki_crl_next_update_timestamp_seconds");
+    let in_days = (next - chrono::Utc::now().timestamp() as f64) / 86_400.0;
+    assert!(
+        (6.9..7.1).contains(&in_days),
+        "next update in {in_days} days"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -595,6 +595,25 @@ impl Ca {
         Ok(())
     }
 
+    /// When the CRL on disk was signed and when it says the next one is due; `None`
+    /// when there is none, or it cannot be read.
+    pub fn crl_times(&self) -> Result<Option<(OffsetDateTime, OffsetDateTime)>, PkiError> {
+        let pem_path = self.dir.join(paths::CRL_PEM);
+        if !pem_path.exists() {
+            return Ok(None);
+        }
+        let Ok(der) = pem_to_der(&read_text(&pem_path)?, "crl.pem") else {
+            return Ok(None);
+        };
+        let Ok((_, crl)) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+        else {
+            return Ok(None);
+        };
+        Ok(crl
+            .next_update()
+            .map(|next| (to_offset(crl.last_update()), to_offset(next))))
+    }
+
     /// `Some(reason)` when the CRL files must be (re-)written.
     fn crl_problem(&self) -> Result<Option<String>, PkiError> {
         let pem_path = self.dir.join(paths::CRL_PEM);

@@ -7,7 +7,7 @@
 //!
 //! Layout:
 //! - [`ca`]: [`Ca`] (`init`, `load`, `issue`, `revoke`, `write_crl`), [`Subject`], [`Issued`].
-//! - [`profile`]: [`Profile`]: `--profile production` refuses a CRL URL a broker cannot reach.
+//! - [`profile`]: [`profile::Profile`]: `--profile production` refuses a CRL URL a broker cannot reach.
 //! - [`index`]: `index.json`, the record of every issued serial and its revocation.
 //! - [`files`]: atomic writes with explicit modes (keys 0600, the rest 0644) and the
 //!   directory lock that serialises writers (CLI and HTTP API on one directory).
@@ -29,7 +29,6 @@ pub use ca::{
     DEFAULT_VALIDITY_DAYS, MAX_BRIDGE_VALIDITY_DAYS, MAX_DEVICE_VALIDITY_DAYS,
 };
 pub use index::{CertKind, IndexEntry};
-pub use profile::Profile;
 
 /// Errors of every PKI operation.
 #[derive(Debug, thiserror::Error)]

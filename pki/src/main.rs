@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use argus_pki::{Ca, Profile, RevocationReason, Subject};
+use argus_pki::profile::Profile;
+use argus_pki::{Ca, RevocationReason, Subject};
 use clap::{Args, Parser, Subcommand};
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;

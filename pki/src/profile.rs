@@ -2,7 +2,7 @@
 //!
 //! A certificate's CRL distribution point (and the CRL's Issuing Distribution
 //! Point, which must match it) is where a broker fetches the CRL. The local
-//! stack's default, [`crate::DEFAULT_CRL_URL`], is the sidecar on loopback; in
+//! stack's default, [`crate::ca::DEFAULT_CRL_URL`], is the sidecar on loopback; in
 //! production that address is the broker's own loopback, so EMQX could never
 //! fetch the CRL and would never see a revocation. [`Profile::Production`]
 //! therefore refuses an empty URL and a loopback or unspecified host.
@@ -70,7 +70,7 @@ mod tests {
         let p = Profile::Production;
         for bad in [
             "",
-            crate::DEFAULT_CRL_URL,
+            crate::ca::DEFAULT_CRL_URL,
             "http://localhost/crl.der",
             "http://LOCALHOST.:8080/crl.der",
             "https://api.localhost/crl",
@@ -91,6 +91,8 @@ mod tests {
         ] {
             p.check_crl_url(good).expect(good);
         }
-        assert!(Profile::Local.check_crl_url(crate::DEFAULT_CRL_URL).is_ok());
+        assert!(Profile::Local
+            .check_crl_url(crate::ca::DEFAULT_CRL_URL)
+            .is_ok());
     }
 }

@@ -62,6 +62,7 @@ pub fn config(db_url: &str, nats_url: &str, redis_url: &str, limits: Limits) -> 
         admin_token: AdminToken::new(ADMIN_TOKEN),
         pki_dir: None,
         crl_url: None,
+        crl_max_age: Duration::from_secs(86_400),
         broker_pid_file: None,
         limits,
         batch_size: 100,
