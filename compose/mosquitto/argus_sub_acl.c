@@ -18,6 +18,20 @@
  * Everything else is refused (SUBACK 0x80). Publish and delivery are not decided here: they
  * are deferred to the acl_file. UNSUBSCRIBE is deferred too.
  *
+ * Revocation cuts live sessions: the CRL refuses a revoked certificate at the next TLS
+ * handshake, but Mosquitto's SIGHUP reload leaves open connections alone. With
+ *
+ *     plugin_opt_revoked_identities /path/to/pki/revoked-identities.txt
+ *
+ * (one line per revoked certificate, "<identity> <serial>", written by argus-pki beside the
+ * CRL, pki/src/ca.rs) the plugin looks at the file on every broker tick (at most every
+ * 200 ms) and, for each *new* line, disconnects the clients whose username is its identity
+ * (mosquitto_kick_client_by_username),
+ * at once and again 1 s and 3 s later: a reconnect that raced the broker's CRL reload is cut
+ * too, and once the CRL is loaded the handshake refuses it. Identities listed when the broker
+ * starts are not kicked (the CRL already refuses them). A device that rotated to a new
+ * certificate before its old one was revoked is disconnected once and reconnects.
+ *
  * Build (no Mosquitto headers needed; the broker exports the functions declared below):
  *     cc -shared -fPIC -O2 -Wall -Wextra -o argus_sub_acl.so argus_sub_acl.c
  *
@@ -25,11 +39,15 @@
  */
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 
 /* --- The subset of mosquitto.h / mosquitto_broker.h / mosquitto_plugin.h used here. ------ */
 #define MOSQ_EVT_ACL_CHECK 2
+#define MOSQ_EVT_TICK 9
 #define MOSQ_ACL_SUBSCRIBE 0x04
 #define MOSQ_ERR_SUCCESS 0
 #define MOSQ_ERR_NOMEM 1
@@ -64,6 +82,7 @@ int mosquitto_callback_register(mosquitto_plugin_id_t *identifier, int event,
 int mosquitto_callback_unregister(mosquitto_plugin_id_t *identifier, int event,
 		MOSQ_FUNC_generic_callback cb_func, const void *event_data);
 const char *mosquitto_client_username(const struct mosquitto *client);
+int mosquitto_kick_client_by_username(const char *username, bool with_will);
 const char *mosquitto_client_id(const struct mosquitto *client);
 void mosquitto_log_printf(int level, const char *fmt, ...);
 
@@ -141,6 +160,131 @@ static void free_rules(void)
 	rule_count = 0;
 }
 
+/* --- Revoked identities: cut the live sessions of newly revoked certificates. ----------- */
+#define KICK_DELAYS 3
+static const long kick_delay_ms[KICK_DELAYS] = {0, 1000, 3000};
+
+struct kick {
+	char *user;
+	long due_ms[KICK_DELAYS];
+	int done;
+};
+
+static char *revoked_path;
+static char **known;       /* lines of the file as last read */
+static int known_count;
+static struct kick *kicks; /* identities of new lines, still to be kicked */
+static int kick_count;
+static long last_look_ms;
+static struct stat last_st;
+static bool have_st;
+
+static long now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static bool is_known(char **list, int n, const char *user)
+{
+	int i;
+	for(i = 0; i < n; i++){
+		if(strcmp(list[i], user) == 0) return true;
+	}
+	return false;
+}
+
+static void free_list(char **list, int n)
+{
+	int i;
+	for(i = 0; i < n; i++) free(list[i]);
+	free(list);
+}
+
+/* Reads the file; the identities of lines not in `known` are queued for kicking when `kick_new`. */
+static void read_revoked(bool kick_new)
+{
+	FILE *f = fopen(revoked_path, "r");
+	char line[512];
+	char **list = NULL;
+	int n = 0, cap = 0, i;
+
+	if(!f) return; /* no file yet: nothing revoked */
+	while(fgets(line, sizeof(line), f)){
+		size_t len = strcspn(line, "\r\n");
+		line[len] = '\0';
+		if(len == 0 || is_known(list, n, line)) continue;
+		if(n == cap){
+			char **grown = realloc(list, (size_t)(cap ? cap * 2 : 64) * sizeof(char *));
+			if(!grown) break;
+			list = grown;
+			cap = cap ? cap * 2 : 64;
+		}
+		list[n] = strdup(line);
+		if(!list[n]) break;
+		n++;
+	}
+	fclose(f);
+	if(kick_new){
+		for(i = 0; i < n; i++){
+			struct kick *grown;
+			int d;
+			if(is_known(known, known_count, list[i])) continue;
+			grown = realloc(kicks, (size_t)(kick_count + 1) * sizeof(struct kick));
+			if(!grown) break;
+			kicks = grown;
+			/* The identity is the line up to its first space. */
+			kicks[kick_count].user = strndup(list[i], strcspn(list[i], " "));
+			if(!kicks[kick_count].user) break;
+			for(d = 0; d < KICK_DELAYS; d++) kicks[kick_count].due_ms[d] = now_ms() + kick_delay_ms[d];
+			kicks[kick_count].done = 0;
+			kick_count++;
+		}
+	}
+	free_list(known, known_count);
+	known = list;
+	known_count = n;
+}
+
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	struct stat st;
+	long now = now_ms();
+	int i, kept = 0;
+
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	if(now - last_look_ms >= 200){
+		last_look_ms = now;
+		if(stat(revoked_path, &st) == 0 && (!have_st || st.st_mtim.tv_sec != last_st.st_mtim.tv_sec
+				|| st.st_mtim.tv_nsec != last_st.st_mtim.tv_nsec || st.st_size != last_st.st_size
+				|| st.st_ino != last_st.st_ino)){
+			last_st = st;
+			have_st = true;
+			read_revoked(true);
+		}
+	}
+	for(i = 0; i < kick_count; i++){
+		struct kick *k = &kicks[i];
+		while(k->done < KICK_DELAYS && k->due_ms[k->done] <= now){
+			if(k->done == 0){
+				mosquitto_log_printf(MOSQ_LOG_NOTICE, "argus_sub_acl: certificate identity \"%s\" revoked; disconnecting its clients", k->user);
+			}
+			mosquitto_kick_client_by_username(k->user, false);
+			k->done++;
+		}
+		if(k->done < KICK_DELAYS){
+			kicks[kept++] = *k;
+		}else{
+			free(k->user);
+		}
+	}
+	kick_count = kept;
+	return MOSQ_ERR_SUCCESS;
+}
+
 int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
 {
 	(void)supported_version_count;
@@ -159,6 +303,15 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	rules = calloc((size_t)(option_count > 0 ? option_count : 1), sizeof(struct rule));
 	if(!rules) return MOSQ_ERR_NOMEM;
 	for(i = 0; i < option_count; i++){
+		if(strcmp(options[i].key, "revoked_identities") == 0){
+			free(revoked_path);
+			revoked_path = strdup(options[i].value);
+			if(!revoked_path){
+				free_rules();
+				return MOSQ_ERR_NOMEM;
+			}
+			continue;
+		}
 		if(strcmp(options[i].key, "subscribe") != 0){
 			mosquitto_log_printf(MOSQ_LOG_ERR, "argus_sub_acl: unknown option plugin_opt_%s", options[i].key);
 			free_rules();
@@ -174,7 +327,12 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		rule_count++;
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "argus_sub_acl: %d subscribe rule(s); every other SUBSCRIBE is refused", rule_count);
-	return mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, acl_check, NULL, NULL);
+	rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, acl_check, NULL, NULL);
+	if(rc != MOSQ_ERR_SUCCESS || !revoked_path) return rc;
+	if(stat(revoked_path, &last_st) == 0) have_st = true;
+	read_revoked(false);
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, "argus_sub_acl: watching %s (%d revoked identities)", revoked_path, known_count);
+	return mosquitto_callback_register(plugin_id, MOSQ_EVT_TICK, on_tick, NULL, NULL);
 }
 
 int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int option_count)
@@ -183,6 +341,16 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	(void)options;
 	(void)option_count;
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, acl_check, NULL);
+	if(revoked_path) mosquitto_callback_unregister(plugin_id, MOSQ_EVT_TICK, on_tick, NULL);
 	free_rules();
+	free_list(known, known_count);
+	known = NULL;
+	known_count = 0;
+	for(int i = 0; i < kick_count; i++) free(kicks[i].user);
+	free(kicks);
+	kicks = NULL;
+	kick_count = 0;
+	free(revoked_path);
+	revoked_path = NULL;
 	return MOSQ_ERR_SUCCESS;
 }

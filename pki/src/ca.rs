@@ -46,6 +46,10 @@ pub mod paths {
     pub const SERVER_KEY: &str = "server.key";
     pub const CRL_PEM: &str = "crl.pem";
     pub const CRL_DER: &str = "crl.der";
+    /// One line per revoked certificate, `<identity (CN)> <serial>`, rewritten with the
+    /// CRL: the local stack's Mosquitto plugin (`compose/mosquitto/argus_sub_acl.c`)
+    /// disconnects the live sessions of each new line's identity.
+    pub const REVOKED_IDENTITIES: &str = "revoked-identities.txt";
     pub const DEVICES: &str = "devices";
     pub const BRIDGES: &str = "bridges";
 }
@@ -874,6 +878,18 @@ impl Ca {
         let crl = params.signed_by(&self.issuer)?;
         let der_path = self.dir.join(paths::CRL_DER);
         let pem_path = self.dir.join(paths::CRL_PEM);
+        // The broker plugin cuts the live sessions of each new line's identity, and
+        // again 1 s and 3 s later, so a reconnect before the broker has reloaded the
+        // CRL written below is cut too.
+        let identities: String = index
+            .certificates
+            .iter()
+            .filter(|e| e.revoked_at.is_some())
+            .map(|e| format!("{} {}\n", e.common_name, e.serial))
+            .collect();
+        let list_path = self.dir.join(paths::REVOKED_IDENTITIES);
+        write_atomic(&list_path, identities.as_bytes(), PUBLIC_MODE)
+            .map_err(|e| PkiError::io(&list_path, e))?;
         write_atomic(&der_path, crl.der(), PUBLIC_MODE).map_err(|e| PkiError::io(&der_path, e))?;
         write_atomic(&pem_path, crl.pem()?.as_bytes(), PUBLIC_MODE)
             .map_err(|e| PkiError::io(&pem_path, e))?;

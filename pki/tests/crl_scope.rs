@@ -44,6 +44,13 @@ fn the_crl_names_the_point_the_certificates_name_and_openssl_applies_it() {
     ca.revoke(&gone.serial_hex, RevocationReason::KeyCompromise)
         .unwrap();
 
+    // The broker plugin's list: the revoked certificate's identity and serial only.
+    let listed = std::fs::read_to_string(dir.join("revoked-identities.txt")).unwrap();
+    assert_eq!(
+        listed,
+        format!("{} {}\n", gone.common_name, gone.serial_hex)
+    );
+
     let (ok, crl) = openssl(&["crl", "-in", "crl.pem", "-noout", "-text"], dir);
     assert!(ok, "{crl}");
     let idp = crl
