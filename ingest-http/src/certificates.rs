@@ -32,7 +32,7 @@ use utoipa_axum::routes;
 
 use crate::admin::{body_bytes, body_object, parse_device_id, path_segments};
 use crate::error::ApiError;
-use crate::openapi::ErrorBody;
+use crate::openapi::{AdminRefusals, ErrorBody};
 use crate::state::AppState;
 pub use crate::state::CertState;
 
@@ -209,8 +209,7 @@ fn chrono_time(t: time::OffsetDateTime) -> DateTime<Utc> {
         (status = 413, description = "`payload_too_large`: a body over 2 MiB.", body = ErrorBody),
         (status = 409, description = "`device_decommissioned`: the device gets no new \
             certificate.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no admin bearer token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a wrong admin token.", body = ErrorBody),
+        AdminRefusals,
         (status = 404, description = "`not_found`: no such device (or the id is not a UUID).", body = ErrorBody),
         (status = 500, description = "`internal`: a bug or a CA failure (no details).", body = ErrorBody),
         (status = 503, description = "`unavailable`: Postgres is down or slow, or the PKI \
@@ -324,8 +323,7 @@ pub async fn issue(
         (status = 400, description = "`invalid_body`: malformed JSON, not an object, an unknown \
             field, or an unknown reason.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: a body over 2 MiB.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no admin bearer token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a wrong admin token.", body = ErrorBody),
+        AdminRefusals,
         (status = 404, description = "`not_found`: no such device (or the id is not a UUID).", body = ErrorBody),
         (status = 500, description = "`internal`: a bug or a CA failure (no details).", body = ErrorBody),
         (status = 503, description = "`unavailable`: Postgres is down or slow, or the PKI \

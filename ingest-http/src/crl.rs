@@ -54,17 +54,15 @@ pub async fn keep_fresh(cert: CertState, max_age: Duration) {
         tick.tick().await;
         let ca = cert.ca.clone();
         let checked = tokio::task::spawn_blocking(move || -> Result<bool, argus_pki::PkiError> {
-            let due = match ca.crl_times()? {
-                Some((this_update, _)) => {
-                    let age = OffsetDateTime::now_utc() - this_update;
-                    age >= time::Duration::try_from(max_age).unwrap_or(time::Duration::MAX)
-                }
-                None => true,
-            };
+            let max_age = time::Duration::try_from(max_age).unwrap_or(time::Duration::MAX);
+            let mut times = ca.crl_times()?;
+            let due = times
+                .is_none_or(|(this_update, _)| OffsetDateTime::now_utc() - this_update >= max_age);
             if due {
-                ca.write_crl()?;
+                let info = ca.write_crl()?;
+                times = Some((info.this_update, info.next_update));
             }
-            if let Some((this_update, next_update)) = ca.crl_times()? {
+            if let Some((this_update, next_update)) = times {
                 let age = (OffsetDateTime::now_utc() - this_update).as_seconds_f64();
                 gauge!(CRL_AGE_SECONDS).set(age.max(0.0));
                 gauge!(CRL_NEXT_UPDATE_SECONDS).set(next_update.unix_timestamp() as f64);

@@ -27,7 +27,7 @@ use crate::admin::{body_bytes, body_object, parse_device_id, path_segments};
 use crate::apikey::ApiKey;
 use crate::error::ApiError;
 use crate::metrics as m;
-use crate::openapi::ErrorBody;
+use crate::openapi::{AdminRefusals, ErrorBody};
 use crate::state::AppState;
 
 const NO_DEVICE: &str = "No device with this id.";
@@ -153,8 +153,7 @@ fn parse_create_body(body: &[u8]) -> Result<Option<i64>, ApiError> {
         (status = 400, description = "`invalid_body`: malformed JSON, not an object, an unknown \
             field, or expiresInDays out of range.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: a body over 2 MiB.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no admin bearer token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a wrong admin token.", body = ErrorBody),
+        AdminRefusals,
         (status = 404, description = "`not_found`: no such device (or the id is not a UUID).", body = ErrorBody),
         (status = 500, description = "`internal`: a bug (no details).", body = ErrorBody),
         (status = 503, description = "`unavailable`: Postgres is down or slow.", body = ErrorBody,
@@ -216,8 +215,7 @@ pub async fn create(
     params(("deviceId" = Uuid, Path, description = "The device's id.")),
     responses(
         (status = 200, description = "The device's keys (ids, prefixes, times).", body = KeyList),
-        (status = 401, description = "`unauthorized`: no admin bearer token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a wrong admin token.", body = ErrorBody),
+        AdminRefusals,
         (status = 404, description = "`not_found`: no such device (or the id is not a UUID).", body = ErrorBody),
         (status = 500, description = "`internal`: a bug (no details).", body = ErrorBody),
         (status = 503, description = "`unavailable`: Postgres is down or slow.", body = ErrorBody,
@@ -279,8 +277,7 @@ pub async fn list(
     params(("deviceId" = Uuid, Path, description = "The device's id."), ("keyId" = Uuid, Path, description = "The key's id (not the key).")),
     responses(
         (status = 200, description = "Revoked (again: the same answer).", body = RevokedKey),
-        (status = 401, description = "`unauthorized`: no admin bearer token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a wrong admin token.", body = ErrorBody),
+        AdminRefusals,
         (status = 404, description = "`not_found`: no such device, or no such key of this device.", body = ErrorBody),
         (status = 500, description = "`internal`: a bug (no details).", body = ErrorBody),
         (status = 503, description = "`unavailable`: Postgres is down or slow, or the key is \

@@ -100,6 +100,17 @@ pub struct ErrorBody {
     error: ErrorDetail,
 }
 
+/// The refusals of the admin bearer-token check (`crate::admin`), which every
+/// operator route answers the same way; listed in each route's `responses(...)`.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // A document part only: `ApiError` writes these answers.
+pub enum AdminRefusals {
+    #[response(status = 401, description = "`unauthorized`: no admin bearer token.")]
+    Unauthorized(ErrorBody),
+    #[response(status = 403, description = "`forbidden`: a wrong admin token.")]
+    Forbidden(ErrorBody),
+}
+
 /// `error` of [`ErrorBody`].
 #[derive(ToSchema)]
 #[allow(dead_code)] // A schema only.
