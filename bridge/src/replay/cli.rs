@@ -309,6 +309,9 @@ pub async fn replay(
         for (delivery, outcome) in batch.into_iter().zip(&outcomes) {
             let seq = delivery.seq;
             scan.done(delivery).await?;
+            if let Outcome::Unreadable(why) = outcome {
+                tracing::warn!(seq, %why, "Dead letter cannot be replayed; left as it is.");
+            }
             if matches!(
                 outcome,
                 Outcome::Rejected {
