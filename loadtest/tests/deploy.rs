@@ -56,7 +56,9 @@ fn every_service_has_a_pinned_image_or_build_and_a_health_check() {
         "postgres",
         "redis",
         "migrate",
-        "bridge",
+        "bridge-0",
+        "bridge-1",
+        "bridge-2",
         "ingest-http",
         "prometheus",
         "alertmanager",
@@ -122,7 +124,9 @@ fn every_mounted_file_exists_and_pki_is_never_baked_in() {
     for (name, svc) in services() {
         for volume in strings(&svc["volumes"]) {
             let source = volume.split(':').next().unwrap();
-            if source.starts_with("${ARGUS_PKI_DIR") {
+            if source.starts_with("${ARGUS_PKI_DIR")
+                || source.starts_with("${ARGUS_BRIDGE_CERTS_DIR")
+            {
                 continue; // operator-provided certificates: docs/setup.md says how to make them
             }
             if source.starts_with('.') {
@@ -141,6 +145,142 @@ fn every_mounted_file_exists_and_pki_is_never_baked_in() {
         ignore.contains("*.key"),
         "keys must never enter the build context"
     );
+}
+
+/// The source of a volume `${VAR:-default}/rest:/target[:ro]`: (VAR, rest), or `None` when
+/// the source does not start with a variable.
+fn mounted_from(volume: &str) -> Option<(String, String)> {
+    let inner = volume.strip_prefix("${")?;
+    let (expr, after) = inner.split_once('}')?;
+    let var = expr.split([':', '-', '?']).next()?.to_string();
+    let rest = after.split(':').next()?.trim_start_matches('/').to_string();
+    Some((var, rest))
+}
+
+/// issue 17, "The CA key stays with the signer": only the sidecar (its admin side signs)
+/// mounts the CA directory; EMQX gets three public or own files of it; every bridge replica
+/// mounts the CA certificate and its own certificate directory, nothing else; no other
+/// service sees a certificate directory at all.
+#[test]
+fn the_ca_key_stays_with_the_signer_and_each_bridge_has_only_its_own_keys() {
+    let mut bridges = 0;
+    for (name, svc) in services() {
+        let mounts: Vec<(String, String)> = strings(&svc["volumes"])
+            .iter()
+            .filter_map(|v| mounted_from(v))
+            .filter(|(var, _)| var == "ARGUS_PKI_DIR" || var == "ARGUS_BRIDGE_CERTS_DIR")
+            .collect();
+        let pki: BTreeSet<&str> = mounts
+            .iter()
+            .filter(|(var, _)| var == "ARGUS_PKI_DIR")
+            .map(|(_, rest)| rest.as_str())
+            .collect();
+        let bridge_dirs: Vec<&str> = mounts
+            .iter()
+            .filter(|(var, _)| var == "ARGUS_BRIDGE_CERTS_DIR")
+            .map(|(_, rest)| rest.as_str())
+            .collect();
+        match name.as_str() {
+            "ingest-http" => {
+                assert_eq!(
+                    pki,
+                    BTreeSet::from([""]),
+                    "ingest-http: the whole CA directory"
+                );
+                assert!(bridge_dirs.is_empty(), "ingest-http mounts bridge keys");
+            }
+            "emqx" => assert_eq!(
+                pki,
+                BTreeSet::from(["ca.crt", "server.crt", "server.key"]),
+                "emqx may mount only ca.crt and its own server certificate and key"
+            ),
+            "crl-exporter" => assert_eq!(pki, BTreeSet::from(["metrics"])),
+            bridge if bridge.starts_with("bridge-") => {
+                bridges += 1;
+                let n = bridge.trim_start_matches("bridge-");
+                assert_eq!(
+                    pki,
+                    BTreeSet::from(["ca.crt"]),
+                    "{bridge}: only ca.crt of the CA directory"
+                );
+                assert_eq!(
+                    bridge_dirs,
+                    vec![format!("bridge-{n}")],
+                    "{bridge}: only its own certificates"
+                );
+                let replica = &svc["environment"]["ARGUS_BRIDGE_REPLICA"];
+                assert_eq!(
+                    replica.as_str(),
+                    Some(n),
+                    "{bridge}: ARGUS_BRIDGE_REPLICA must be {n}, the slot of its certificates"
+                );
+            }
+            other => assert!(mounts.is_empty(), "{other} mounts certificates: {mounts:?}"),
+        }
+    }
+    assert!(bridges >= 2, "fewer than two bridge replicas");
+    let prometheus =
+        std::fs::read_to_string(repo().join("compose/prometheus/prometheus.yml")).unwrap();
+    for n in 0..bridges {
+        assert!(
+            prometheus.contains(&format!("bridge-{n}:9101")),
+            "prometheus.yml does not scrape bridge-{n}"
+        );
+    }
+}
+
+/// Names of environment variables and `${VAR}` references that hold a secret.
+fn is_secret_name(name: &str) -> bool {
+    ["PASSWORD", "TOKEN", "COOKIE", "SECRET", "API_KEY"]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
+/// issue 17, "Secrets": every secret a service is given comes from a `${VAR:?}` reference
+/// (compose refuses to start without it), never a literal or a `${VAR:-default}`.
+#[test]
+fn no_secret_has_a_default_left_in() {
+    let text = std::fs::read_to_string(repo().join("compose/docker-compose.yml")).unwrap();
+    // No `${SECRET:-…}` or bare `${SECRET}` anywhere in the file.
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("${") {
+        let end = rest[start..].find('}').unwrap() + start;
+        let expr = &rest[start + 2..end];
+        let name = expr.split([':', '-', '?']).next().unwrap();
+        if is_secret_name(name) {
+            assert!(
+                expr.starts_with(&format!("{name}:?")),
+                "${{{expr}}}: a secret must be required (`${{{name}:?…}}`), with no default"
+            );
+        }
+        rest = &rest[end..];
+    }
+    // Every secret-named environment entry is such a reference (or a file path).
+    let mut checked = BTreeSet::new();
+    for (service, svc) in services() {
+        let Some(env) = svc["environment"].as_mapping() else {
+            continue;
+        };
+        for (key, value) in env {
+            let key = key.as_str().unwrap();
+            if !is_secret_name(key) || key.ends_with("_FILE") {
+                continue;
+            }
+            let value = value.as_str().unwrap_or_default();
+            assert!(
+                value.contains(":?"),
+                "{service}: {key} is not a required secret reference: {value:?}"
+            );
+            checked.insert(key.to_string());
+        }
+    }
+    for required in [
+        "EMQX_NODE__COOKIE",
+        "EMQX_DASHBOARD__DEFAULT_PASSWORD",
+        "ARGUS_ADMIN_TOKEN",
+    ] {
+        assert!(checked.contains(required), "no service sets {required}");
+    }
 }
 
 #[test]
