@@ -50,7 +50,10 @@ BRIDGE_PORTS=(17901 17902)
 # MQTT connections per bridge replica. Each has its own certificate, CN = client id
 # bridge-<replica>-<connection> (the broker takes the client id from the CN).
 BRIDGE_CONNECTIONS=2
+# The sidecar: devices over TLS (the stack's server.crt) on HTTP_PORT, operators and
+# monitoring over plain HTTP on loopback HTTP_ADMIN_PORT (the CRL URL of its certificates).
 HTTP_PORT=17080
+HTTP_ADMIN_PORT=17081
 # Monitoring: Prometheus, Alertmanager (cluster gossip off), the webhook receiver that
 # stores Alertmanager's notifications, and the node exporter that serves the CRL's next
 # update (textfile collector only). Never the packages' system services on 9090/9093/9100.
@@ -65,7 +68,8 @@ DATABASE_URL="postgres://argus@127.0.0.1:$PG_PORT/argus"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 NATS_URLS="nats://127.0.0.1:${NATS_CLIENT_PORTS[0]},nats://127.0.0.1:${NATS_CLIENT_PORTS[1]},nats://127.0.0.1:${NATS_CLIENT_PORTS[2]}"
 MQTT_URL="mqtts://127.0.0.1:$MQTT_PORT"
-INGEST_HTTP_URL="http://127.0.0.1:$HTTP_PORT"
+INGEST_HTTP_URL="https://127.0.0.1:$HTTP_PORT"
+INGEST_HTTP_ADMIN_URL="http://127.0.0.1:$HTTP_ADMIN_PORT"
 PROMETHEUS_URL="http://127.0.0.1:$PROMETHEUS_PORT"
 ALERTMANAGER_URL="http://127.0.0.1:$ALERTMANAGER_PORT"
 # Every notification the receiver got, one JSON line each (compose/lib/alert-receiver).
@@ -307,7 +311,11 @@ redis_ping() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" 
 # sees traffic, which would hold compose/up for no reason.
 nats_healthy() { http_ok "http://127.0.0.1:${NATS_HTTP_PORTS[$1]}/healthz?js-server-only=true"; }
 bridge_ready() { http_ok "http://127.0.0.1:${BRIDGE_PORTS[$1]}/ready"; }
-http_healthy() { http_ok "$INGEST_HTTP_URL/health"; }
+# Both listeners: the device one over TLS with the stack's CA, the admin one.
+http_healthy() {
+  curl -fsS -o /dev/null --max-time 3 --cacert "$PKI_DIR/ca.crt" "$INGEST_HTTP_URL/health" 2>/dev/null \
+    && http_ok "$INGEST_HTTP_ADMIN_URL/health"
+}
 prometheus_ready() { http_ok "$PROMETHEUS_URL/-/ready"; }
 alertmanager_ready() { http_ok "$ALERTMANAGER_URL/-/ready"; }
 alert_receiver_ok() { http_ok "http://127.0.0.1:$ALERT_RECEIVER_PORT/"; }

@@ -8,7 +8,9 @@
 //!   `notBefore`, `expiresAt`.
 //! - `DELETE /api/v1/devices/{deviceId}/certificate` (optional `{"reason": "keyCompromise"}`):
 //!   revokes every active certificate of the device and rewrites the CRL; the broker must
-//!   reload it (see [`CertState::with_broker_pid_file`]).
+//!   reload it (see [`CertState::with_broker_pid_file`]). With `--emqx-api-url`, EMQX
+//!   then kicks the device's live connection ([`crate::emqx`]); the answer's
+//!   `brokerKick` says how that went, and a failed kick never undoes the revocation.
 //! - `GET /pki/crl.der`, `GET /pki/crl.pem`: the current CRL (public; EMQX fetches the DER).
 //!
 //! The two device endpoints need the admin bearer token (401 without, 403 wrong). Unknown
@@ -36,7 +38,7 @@ use crate::openapi::{AdminRefusals, ErrorBody};
 use crate::state::AppState;
 pub use crate::state::CertState;
 
-/// The certificate routes of the app (merged by [`crate::build_app`]): empty when the
+/// The certificate routes of the admin listener (merged by [`crate::build_app_and_document`]): empty when the
 /// state has no certificate API (no `--pki-dir`), so the paths answer 404 (and the
 /// document does not describe them).
 pub fn router(state: &AppState) -> OpenApiRouter {
@@ -122,6 +124,9 @@ pub struct RevokedCertificates {
     /// Every certificate revoked now (empty when none was active).
     pub revoked_serial_numbers: Vec<String>,
     pub reason: String,
+    /// What became of the EMQX kick of the device's live connection (`disabled`
+    /// without `--emqx-api-url`). A failed kick leaves the revocation in force.
+    pub broker_kick: crate::emqx::BrokerKick,
 }
 
 /// Maps a CA failure: the caller's input is a 400 naming the field; the rest is ours.
@@ -395,11 +400,17 @@ pub async fn revoke(
     ?;
     tx.commit().await?;
     tracing::info!(%device_id, revoked = serials.len(), %reason, "Revoked device certificates.");
+    // After the commit: the revocation stands whatever the kick does.
+    let broker_kick = match &state.emqx {
+        Some(kick) => kick.kick(&device_id.to_string()).await,
+        None => crate::emqx::disabled(),
+    };
     Ok(Json(RevokedCertificates {
         success: true,
         device_id,
         revoked_serial_numbers: serials,
         reason: reason.as_str().to_owned(),
+        broker_kick,
     })
     .into_response())
 }

@@ -15,7 +15,10 @@ use std::time::Duration;
 use argus_pipeline::flags::{BatchArgs, FlagEnv, NatsArgs, PgArgs, RedisArgs, ShutdownArgs};
 use clap::Parser;
 
+use argus_pki::profile::Profile;
+
 use crate::admin::AdminToken;
+use crate::emqx::{ApiSecret, EmqxConfig};
 
 /// A flag with a value that cannot be used (the reason never contains a secret).
 pub use argus_pipeline::flags::{parse_duration, ConfigError};
@@ -52,9 +55,69 @@ pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
     long_about = None
 )]
 pub struct Cli {
-    /// Address to listen on.
+    /// Device listener: `POST /api/v1/telemetry/ingest`, `/health` and its own
+    /// `/openapi.json`; every admin path answers 404 here. TLS with --tls-cert and
+    /// --tls-key; plain HTTP only on a loopback address, or anywhere with --insecure-http.
     #[arg(long, env = "ARGUS_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+
+    /// Admin listener, plain HTTP on an internal address (never publish it): API-key and
+    /// certificate admin, the CRL (`/pki/crl.der`, `/pki/crl.pem`), `/metrics`, `/ready`,
+    /// `/health` and its own `/openapi.json`.
+    #[arg(
+        long,
+        env = "ARGUS_HTTP_ADMIN_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub admin_listen: String,
+
+    /// PEM certificate chain of the device listener (server certificate first). Re-read,
+    /// with --tls-key, on SIGHUP; a file that cannot be used then keeps the old one.
+    #[arg(long, env = "ARGUS_HTTP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "ARGUS_HTTP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve the device listener over plain HTTP on a non-loopback address (behind a
+    /// proxy that terminates TLS). Without it, plain HTTP is refused there at start-up.
+    #[arg(long, env = "ARGUS_HTTP_INSECURE_HTTP", default_value_t = false)]
+    pub insecure_http: bool,
+
+    /// `local` or `production` (the env of `argus-pki --profile`). With production and
+    /// --pki-dir, --crl-url must name an address the broker can reach: empty or
+    /// loopback is refused at start-up.
+    #[arg(long, env = "ARGUS_PKI_PROFILE", value_enum, default_value_t = Profile::Local)]
+    pub pki_profile: Profile,
+
+    /// EMQX's REST API (e.g. `http://emqx:18083`, plain HTTP on the internal network):
+    /// after a certificate revocation the sidecar kicks the device's live connection
+    /// (`DELETE /api/v5/clients/{deviceId}`). Unset: no kick.
+    #[arg(long, env = "ARGUS_HTTP_EMQX_API_URL")]
+    pub emqx_api_url: Option<String>,
+
+    /// The EMQX API key (its name, sent as the Basic auth user). Needed with --emqx-api-url.
+    #[arg(long, env = "ARGUS_HTTP_EMQX_API_KEY")]
+    pub emqx_api_key: Option<String>,
+
+    /// The EMQX API key's secret. Never printed. Or --emqx-api-secret-file.
+    #[arg(
+        long,
+        env = "ARGUS_HTTP_EMQX_API_SECRET",
+        hide_env_values = true,
+        conflicts_with = "emqx_api_secret_file"
+    )]
+    pub emqx_api_secret: Option<String>,
+
+    /// A file holding the EMQX API key's secret (a Docker secret; surrounding
+    /// whitespace is ignored).
+    #[arg(long, env = "ARGUS_HTTP_EMQX_API_SECRET_FILE")]
+    pub emqx_api_secret_file: Option<PathBuf>,
+
+    /// Longest wait for one EMQX kick request (e.g. `2s`); a kick makes at most 3.
+    #[arg(long, env = "ARGUS_HTTP_EMQX_API_TIMEOUT", default_value = "2s")]
+    pub emqx_api_timeout: String,
 
     /// `--database-url`, `--pg-pool-size`.
     #[command(flatten)]
@@ -161,6 +224,7 @@ impl std::fmt::Debug for Cli {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cli")
             .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
             .field("nats_urls", &self.nats.nats_urls)
             .field("admin_token", &"..")
             .finish_non_exhaustive()
@@ -170,7 +234,15 @@ impl std::fmt::Debug for Cli {
 /// The validated configuration. Connection URLs may hold passwords, so `Debug` omits them.
 #[derive(Clone)]
 pub struct Config {
+    /// The device listener.
     pub listen: SocketAddr,
+    /// The admin listener.
+    pub admin_listen: SocketAddr,
+    /// `--tls-cert`, `--tls-key`: the device listener's TLS; `None`: plain HTTP
+    /// (loopback, or `--insecure-http`).
+    pub tls: Option<TlsFiles>,
+    /// `--emqx-api-url` and its key: the kick after a revocation; `None`: off.
+    pub emqx: Option<EmqxConfig>,
     pub database_url: String,
     /// The look-ups' pool (registry, API keys, certificates).
     pub pg_pool_size: usize,
@@ -196,12 +268,21 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("tls", &self.tls)
             .field("pki_dir", &self.pki_dir)
             .field("limits", &self.limits)
             .field("batch_size", &self.batch_size)
             .field("batch_linger", &self.batch_linger)
             .finish_non_exhaustive()
     }
+}
+
+/// The device listener's certificate chain and key files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Request limits of the ingest endpoint.
@@ -247,6 +328,82 @@ impl Cli {
             .listen
             .parse()
             .map_err(|e| invalid("listen", format!("not a socket address: {e}")))?;
+        let admin_listen: SocketAddr = self
+            .admin_listen
+            .parse()
+            .map_err(|e| invalid("admin-listen", format!("not a socket address: {e}")))?;
+        if admin_listen == listen && listen.port() != 0 {
+            return Err(invalid(
+                "admin-listen",
+                "must differ from --listen (the admin paths must not be on the device listener)",
+            ));
+        }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err(invalid("tls-cert", "--tls-cert and --tls-key go together")),
+        };
+        if tls.is_none() && !listen.ip().is_loopback() && !self.insecure_http {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{listen} is not a loopback address, so devices would send their API keys \
+                     in clear: give --tls-cert and --tls-key, or --insecure-http behind a proxy \
+                     that terminates TLS"
+                ),
+            ));
+        }
+        if self.pki_dir.is_some() {
+            let url = self.crl_url.as_deref().unwrap_or("").trim();
+            self.pki_profile
+                .check_crl_url(url)
+                .map_err(|e| invalid("crl-url", e.to_string()))?;
+        }
+        let emqx_timeout =
+            parse_duration(&self.emqx_api_timeout).map_err(|r| invalid("emqx-api-timeout", r))?;
+        if emqx_timeout.is_zero() {
+            return Err(invalid("emqx-api-timeout", "must be more than 0"));
+        }
+        let emqx = match self.emqx_api_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => {
+                if !url.starts_with("http://") || url.len() <= "http://".len() {
+                    return Err(invalid(
+                        "emqx-api-url",
+                        "must be an http:// URL (EMQX's API port on the internal network)",
+                    ));
+                }
+                let api_key = self
+                    .emqx_api_key
+                    .filter(|k| !k.trim().is_empty())
+                    .ok_or_else(|| invalid("emqx-api-key", "is needed with --emqx-api-url"))?;
+                let secret = match (self.emqx_api_secret, self.emqx_api_secret_file) {
+                    (Some(s), _) => s,
+                    (None, Some(path)) => std::fs::read_to_string(&path)
+                        .map_err(|e| {
+                            invalid(
+                                "emqx-api-secret-file",
+                                format!("cannot read {}: {e}", path.display()),
+                            )
+                        })?
+                        .trim()
+                        .to_owned(),
+                    (None, None) => String::new(),
+                };
+                if secret.is_empty() {
+                    return Err(invalid(
+                        "emqx-api-secret",
+                        "is needed with --emqx-api-url (or --emqx-api-secret-file)",
+                    ));
+                }
+                Some(EmqxConfig {
+                    api_url: url.trim_end_matches('/').to_owned(),
+                    api_key: api_key.trim().to_owned(),
+                    api_secret: ApiSecret::new(secret),
+                    timeout: emqx_timeout,
+                })
+            }
+        };
         self.pg.validate()?;
         let nats_urls = self.nats.validate()?;
         if self.admin_token.chars().count() < MIN_ADMIN_TOKEN_LEN {
@@ -319,6 +476,9 @@ impl Cli {
         }
         Ok(Config {
             listen,
+            admin_listen,
+            tls,
+            emqx,
             redis_url: self.redis.url(),
             database_url: self.pg.database_url,
             pg_pool_size: self.pg.pg_pool_size,
@@ -443,5 +603,97 @@ mod tests {
         ] {
             assert!(help.contains(&format!("env: {env}")), "{env}: {help}");
         }
+    }
+
+    #[test]
+    fn listeners_tls_and_the_emqx_kick() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8081");
+        assert!(c.tls.is_none() && c.emqx.is_none());
+        // Plain HTTP off loopback: refused, unless asked for; TLS is fine anywhere.
+        let e = parse(&["--listen", "0.0.0.0:8080"]).unwrap_err();
+        assert_eq!(e.flag, "listen");
+        assert!(e.to_string().contains("--insecure-http"), "{e}");
+        assert!(parse(&["--listen", "0.0.0.0:8080", "--insecure-http"]).is_ok());
+        let tls = parse(&[
+            "--listen",
+            "0.0.0.0:8080",
+            "--tls-cert",
+            "/x/tls.crt",
+            "--tls-key",
+            "/x/tls.key",
+        ])
+        .unwrap();
+        assert_eq!(tls.tls.unwrap().cert, PathBuf::from("/x/tls.crt"));
+        assert_eq!(
+            parse(&["--admin-listen", "127.0.0.1:8080"])
+                .unwrap_err()
+                .flag,
+            "admin-listen"
+        );
+        // The kick needs its key and secret; the secret stays out of Debug and errors.
+        assert_eq!(
+            parse(&["--emqx-api-url", "http://emqx:18083"])
+                .unwrap_err()
+                .flag,
+            "emqx-api-key"
+        );
+        assert_eq!(
+            parse(&["--emqx-api-url", "http://emqx:18083", "--emqx-api-key", "k"])
+                .unwrap_err()
+                .flag,
+            "emqx-api-secret"
+        );
+        assert_eq!(
+            parse(&["--emqx-api-url", "emqx:18083"]).unwrap_err().flag,
+            "emqx-api-url"
+        );
+        let c = parse(&[
+            "--emqx-api-url",
+            "http://emqx:18083/",
+            "--emqx-api-key",
+            "k",
+            "--emqx-api-secret",
+            "kick-secret-value",
+        ])
+        .unwrap();
+        let emqx = c.emqx.clone().unwrap();
+        assert_eq!(emqx.api_url, "http://emqx:18083");
+        assert_eq!(emqx.timeout, Duration::from_secs(2));
+        assert!(!format!("{c:?}").contains("kick-secret-value"));
+        let help = {
+            use clap::CommandFactory;
+            Cli::command().render_long_help().to_string()
+        };
+        assert!(!help.contains("kick-secret-value"));
+        for env in [
+            "ARGUS_HTTP_ADMIN_LISTEN",
+            "ARGUS_HTTP_TLS_CERT",
+            "ARGUS_HTTP_TLS_KEY",
+            "ARGUS_HTTP_INSECURE_HTTP",
+            "ARGUS_PKI_PROFILE",
+            "ARGUS_HTTP_EMQX_API_URL",
+            "ARGUS_HTTP_EMQX_API_KEY",
+            "ARGUS_HTTP_EMQX_API_SECRET",
+            "ARGUS_HTTP_EMQX_API_SECRET_FILE",
+            "ARGUS_HTTP_EMQX_API_TIMEOUT",
+        ] {
+            assert!(help.contains(&format!("env: {env}")), "{env}: {help}");
+        }
+    }
+
+    #[test]
+    fn the_production_profile_checks_the_crl_url_with_a_pki_dir() {
+        let prod = ["--pki-profile", "production", "--pki-dir", "/pki"];
+        assert_eq!(parse(&prod).unwrap_err().flag, "crl-url");
+        let mut loopback = prod.to_vec();
+        loopback.extend(["--crl-url", "http://127.0.0.1:17081/pki/crl.der"]);
+        assert_eq!(parse(&loopback).unwrap_err().flag, "crl-url");
+        let mut good = prod.to_vec();
+        good.extend(["--crl-url", "http://ingest-http:8081/pki/crl.der"]);
+        assert!(parse(&good).is_ok());
+        // Without the certificate API there is nothing to issue.
+        assert!(parse(&["--pki-profile", "production"]).is_ok());
+        assert!(parse(&["--pki-dir", "/pki"]).is_ok());
     }
 }

@@ -7,7 +7,9 @@
 //!   dependency that is down (details stay in the log).
 //! - `GET /metrics`: Prometheus text exposition of every metric of the process.
 //!
-//! `GET /openapi.json` (the API's document) is [`crate::openapi`]'s.
+//! All three are on the admin listener; the device listener has `/health` only
+//! ([`device_router`]). `GET /openapi.json` (each listener's document) is
+//! [`crate::openapi`]'s.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,8 +25,16 @@ use utoipa_axum::routes;
 
 use crate::state::AppState;
 
+/// The device listener's part: `/health` alone (load balancers and the container's
+/// health check); merged by [`crate::build_device_app`].
+pub fn device_router(state: &AppState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .with_state(state.clone())
+}
+
 /// The health, readiness and metrics routes, with their state applied (merged by
-/// [`crate::build_app`]).
+/// [`crate::build_admin_app`]).
 pub fn router(state: &AppState) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(health))

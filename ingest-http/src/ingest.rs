@@ -45,7 +45,7 @@ pub use crate::auth::API_KEY_HEADER;
 /// The idempotency header.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
-/// The ingest route, with its state applied (merged by [`crate::build_app`]).
+/// The ingest route, with its state applied (merged by [`crate::build_app_and_document`]).
 pub fn router(state: &AppState) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(ingest))

@@ -35,7 +35,7 @@ const NO_DEVICE: &str = "No device with this id.";
 /// Longest key lifetime accepted in `expiresInDays` (10 years).
 const MAX_EXPIRES_IN_DAYS: i64 = 3650;
 
-/// The API-key routes, with their state applied (merged by [`crate::build_app`]).
+/// The API-key routes, with their state applied (merged by [`crate::build_app_and_document`]).
 pub fn router(state: &AppState) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(create, list))

@@ -1,9 +1,11 @@
-//! `argus-ingest-http`: parse flags, connect, bind, serve until SIGTERM/SIGINT.
+//! `argus-ingest-http`: parse flags, connect, bind both listeners, serve until
+//! SIGTERM/SIGINT; with TLS, SIGHUP reloads the device listener's certificate.
 
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use argus_ingest_http::{serve, AppState, Cli};
+use argus_ingest_http::tls::{CertReloader, TlsListener};
+use argus_ingest_http::{serve, AppState, Cli, DeviceListener, Listeners};
 use argus_pipeline::process;
 
 #[tokio::main]
@@ -12,6 +14,16 @@ async fn main() -> anyhow::Result<()> {
     process::init_logging(config.log_json);
 
     let listen = config.listen;
+    let admin_listen = config.admin_listen;
+    // Before connecting: a certificate that cannot be used stops the start at once.
+    let tls = match &config.tls {
+        Some(files) => {
+            let reloader =
+                CertReloader::load(&files.cert, &files.key).context("--tls-cert/--tls-key")?;
+            Some(reloader)
+        }
+        None => None,
+    };
     let shutdown_timeout = config.shutdown_timeout;
     let crl_max_age = config.crl_max_age;
     let state = AppState::connect(config).await?;
@@ -22,13 +34,27 @@ async fn main() -> anyhow::Result<()> {
             crl_max_age,
         ));
     }
-    let listener = tokio::net::TcpListener::bind(listen)
+    let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("could not bind --listen {listen}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "Listening.");
+    let device = match tls {
+        Some(reloader) => {
+            let config = reloader.server_config().context("TLS configuration")?;
+            tokio::spawn(argus_ingest_http::tls::reload_on_sighup(reloader));
+            DeviceListener::Tls(TlsListener::new(tcp, config)?)
+        }
+        None => DeviceListener::Plain(tcp),
+    };
+    let admin = tokio::net::TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("could not bind --admin-listen {admin_listen}"))?;
+    let tls_on = matches!(device, DeviceListener::Tls(_));
+    tracing::info!(addr = %device.local_addr()?, tls = tls_on, "Device listener.");
+    tracing::info!(addr = %admin.local_addr()?, "Admin listener (plain HTTP; keep it internal).");
 
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, state, async {
+    let listeners = Listeners { device, admin };
+    let server = tokio::spawn(serve(listeners, state, async {
         let _ = first_rx.await;
     }));
     process::shutdown_signal().await;

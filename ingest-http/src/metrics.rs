@@ -27,6 +27,16 @@ pub const READINGS_ACCEPTED_TOTAL: &str = "argus_http_readings_accepted_total";
 pub const READINGS_DUPLICATE_TOTAL: &str = "argus_http_readings_duplicate_total";
 /// Counter: API keys created / revoked through the admin API, label `action`.
 pub const API_KEY_ADMIN_TOTAL: &str = "argus_http_api_key_admin_total";
+/// Counter: reloads of the device listener's TLS certificate (SIGHUP), label `result`
+/// (`ok`, `error`: the old certificate stays).
+pub const TLS_RELOADS_TOTAL: &str = "argus_http_tls_reloads_total";
+/// Counter: TLS handshakes on the device listener that failed or timed out.
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "argus_http_tls_handshake_failures_total";
+/// Counter: EMQX kicks after a certificate revocation, label `outcome`
+/// (one of [`EMQX_KICK_OUTCOMES`]).
+pub const EMQX_KICKS_TOTAL: &str = "argus_http_emqx_kicks_total";
+/// The `outcome` label values of [`EMQX_KICKS_TOTAL`] (`crate::emqx`'s outcomes).
+pub const EMQX_KICK_OUTCOMES: [&str; 4] = ["disabled", "kicked", "not_connected", "failed"];
 
 /// Why an ingest request was refused: the bounded label set of [`REJECTED_TOTAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +142,25 @@ pub fn describe() {
         API_KEY_ADMIN_TOTAL,
         "API keys created or revoked through the admin API, by action."
     );
+    describe_counter!(
+        TLS_RELOADS_TOTAL,
+        "Reloads of the device listener's TLS certificate on SIGHUP, by result (error: the old one stays)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "TLS handshakes on the device listener that failed or timed out."
+    );
+    describe_counter!(
+        EMQX_KICKS_TOTAL,
+        "EMQX kicks of a revoked device's connection, by outcome."
+    );
+    for result in ["ok", "error"] {
+        counter!(TLS_RELOADS_TOTAL, "result" => result).increment(0);
+    }
+    counter!(TLS_HANDSHAKE_FAILURES_TOTAL).increment(0);
+    for outcome in EMQX_KICK_OUTCOMES {
+        counter!(EMQX_KICKS_TOTAL, "outcome" => outcome).increment(0);
+    }
     for reason in Rejection::ALL {
         counter!(REJECTED_TOTAL, "reason" => reason.as_str()).absolute(0);
     }

@@ -14,8 +14,10 @@
 //! the ingest request body is [`crate::request`]'s hand-written validation, written
 //! out as a JSON Schema here ([`IngestBody`]) with the limits of this process.
 //!
-//! The document is built and rendered once, in [`crate::build_app`]; the route answers
-//! the same bytes every time (never generated per request).
+//! Each listener has its own document, of exactly its routes ([`ApiDoc::for_side`]): the
+//! device listener's (ingest, `/health`) and the admin listener's (the rest). Each is
+//! built and rendered once, in [`crate::build_app_and_document`]; the route answers the
+//! same bytes every time (never generated per request).
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
@@ -39,8 +41,17 @@ pub const API_KEY_SCHEME: &str = "apiKey";
 /// Security scheme of the operator endpoints: `Authorization: Bearer <admin token>`.
 pub const ADMIN_SCHEME: &str = "adminToken";
 
+/// Which listener a router or document is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Devices: ingest and `/health` (TLS unless loopback or `--insecure-http`).
+    Device,
+    /// Operators and the monitoring: everything else, on an internal address.
+    Admin,
+}
+
 /// The document's fixed part: info, tags, security schemes and the shared schemas.
-/// The paths come from the routers ([`crate::build_app`]).
+/// The paths come from the routers ([`crate::build_app_and_document`]).
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -61,6 +72,50 @@ pub const ADMIN_SCHEME: &str = "adminToken";
     )
 )]
 pub struct ApiDoc;
+
+impl ApiDoc {
+    /// The fixed part of one listener's document: its title, tags and security scheme
+    /// (the device listener's document describes the device routes only, the admin
+    /// listener's the rest; each is exactly its router).
+    pub fn for_side(side: Side) -> utoipa::openapi::OpenApi {
+        let mut doc = ApiDoc::openapi();
+        let (title, tags, scheme): (&str, &[&str], &str) = match side {
+            Side::Device => (
+                "argus-ingest-http device listener",
+                &["ingest", "operations"],
+                API_KEY_SCHEME,
+            ),
+            Side::Admin => (
+                "argus-ingest-http admin listener",
+                &["api-keys", "certificates", "operations"],
+                ADMIN_SCHEME,
+            ),
+        };
+        doc.info.title = title.to_owned();
+        doc.info.description = doc.info.description.map(|d| {
+            let which = match side {
+                Side::Device => {
+                    "This is the device listener (`--listen`, TLS): telemetry and health. \
+                     The admin API is on the admin listener (`--admin-listen`), with its own \
+                     document."
+                }
+                Side::Admin => {
+                    "This is the admin listener (`--admin-listen`, an internal address): \
+                     API keys, certificates, the CRL, health, readiness and metrics. Devices \
+                     send telemetry to the device listener (`--listen`), with its own document."
+                }
+            };
+            format!("{d} {which}")
+        });
+        if let Some(all) = doc.tags.as_mut() {
+            all.retain(|t| tags.contains(&t.name.as_str()));
+        }
+        if let Some(components) = doc.components.as_mut() {
+            components.security_schemes.retain(|name, _| name == scheme);
+        }
+        doc
+    }
+}
 
 struct SecuritySchemes;
 
@@ -314,8 +369,16 @@ impl Document {
     }
 }
 
-/// Fills in this process's limits (`--max-batch-readings`).
-pub fn finish(mut api: utoipa::openapi::OpenApi, limits: &Limits) -> utoipa::openapi::OpenApi {
+/// Fills in this process's limits (`--max-batch-readings`); the admin document has no
+/// ingest body.
+pub fn finish(
+    mut api: utoipa::openapi::OpenApi,
+    limits: &Limits,
+    side: Side,
+) -> utoipa::openapi::OpenApi {
+    if side == Side::Admin {
+        return api;
+    }
     if let Some(components) = api.components.as_mut() {
         components.schemas.insert(
             IngestBody::name().into(),

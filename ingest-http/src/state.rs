@@ -124,6 +124,9 @@ impl AppState {
                 if let Some(pid_file) = &config.broker_pid_file {
                     cert = cert.with_broker_pid_file(pid_file.clone());
                 }
+                if let Some(emqx) = &config.emqx {
+                    cert = cert.with_emqx(crate::emqx::EmqxKick::new(emqx.clone()));
+                }
                 Some(cert)
             }
             None => {
@@ -252,6 +255,8 @@ pub struct CertState {
     /// A pid file of the broker (the local stack's Mosquitto): it gets SIGHUP after every
     /// CRL change, so a revocation takes effect within a second. `None`: reload it yourself.
     pub broker_pid_file: Option<PathBuf>,
+    /// `--emqx-api-url`: EMQX kicks the device's live connection after a revocation.
+    pub emqx: Option<crate::emqx::EmqxKick>,
 }
 
 impl CertState {
@@ -261,6 +266,7 @@ impl CertState {
             pool,
             admin,
             broker_pid_file: None,
+            emqx: None,
         }
     }
 
@@ -277,6 +283,11 @@ impl CertState {
             ca = ca.with_crl_url(url);
         }
         Ok(CertState::new(Arc::new(ca), pool, admin))
+    }
+
+    pub fn with_emqx(mut self, kick: crate::emqx::EmqxKick) -> CertState {
+        self.emqx = Some(kick);
+        self
     }
 
     pub fn with_broker_pid_file(mut self, path: impl Into<PathBuf>) -> CertState {

@@ -1,5 +1,6 @@
-//! The real binary: flags from the environment, serve, graceful SIGTERM; refuses a short
-//! admin token without printing it.
+//! The real binary: flags from the environment, serve (devices on `--listen`, operators
+//! on `--admin-listen`), graceful SIGTERM; refuses a short admin token without printing
+//! it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -56,7 +57,7 @@ async fn serves_from_env_and_stops_gracefully_on_sigterm() {
     );
     prepare_database(db.url()).await;
     apply_streams(&nats.url()).await;
-    let port = argus_testkit::free_port();
+    let (port, admin_port) = (argus_testkit::free_port(), argus_testkit::free_port());
     let mut child = Command::new(BIN)
         .env_clear()
         .env("DATABASE_URL", db.url())
@@ -64,6 +65,7 @@ async fn serves_from_env_and_stops_gracefully_on_sigterm() {
         .env("REDIS_URL", redis.url())
         .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("ARGUS_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ARGUS_HTTP_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -74,9 +76,11 @@ async fn serves_from_env_and_stops_gracefully_on_sigterm() {
         "the binary did not listen"
     );
     let http = reqwest::Client::new();
+    assert!(argus_testkit::wait_for_port(admin_port, Duration::from_secs(20)).await);
     let base = format!("http://127.0.0.1:{port}");
+    let admin = format!("http://127.0.0.1:{admin_port}");
     let resp = http
-        .post(format!("{base}/api/v1/devices/{DEVICE}/api-keys"))
+        .post(format!("{admin}/api/v1/devices/{DEVICE}/api-keys"))
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
@@ -153,7 +157,7 @@ async fn re_signs_the_crl_past_its_max_age_and_reports_its_age() {
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).unwrap();
     let first = crl_number(pki.path());
-    let port = argus_testkit::free_port();
+    let (port, admin_port) = (argus_testkit::free_port(), argus_testkit::free_port());
     let mut child = Command::new(BIN)
         .env_clear()
         .env("DATABASE_URL", db.url())
@@ -162,17 +166,18 @@ async fn re_signs_the_crl_past_its_max_age_and_reports_its_age() {
         .env("ARGUS_PKI_DIR", pki.path())
         .env("ARGUS_HTTP_CRL_MAX_AGE", "1s")
         .env("ARGUS_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ARGUS_HTTP_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    assert!(argus_testkit::wait_for_port(port, Duration::from_secs(20)).await);
+    assert!(argus_testkit::wait_for_port(admin_port, Duration::from_secs(20)).await);
     let deadline = Instant::now() + Duration::from_secs(20);
     while crl_number(pki.path()) < first + 2 {
         assert!(Instant::now() < deadline, "the CRL was not re-signed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
         .await
         .unwrap()
         .text()

@@ -35,7 +35,7 @@ async fn postgres_stopped_gives_503_then_the_same_request_succeeds() {
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(error_code(&body), "unavailable");
     assert!(headers.get("retry-after").is_some());
-    let ready = http.get(app.url("/ready")).send().await.unwrap();
+    let ready = http.get(app.admin_url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
 
     pg.restart().await;

@@ -406,7 +406,7 @@ async fn health_ready_and_metrics() {
 
     let health = s.http.get(s.app.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let ready = s.http.get(s.app.url("/ready")).send().await.unwrap();
+    let ready = s.http.get(s.app.admin_url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     let metrics = metrics_text(&s.http, &s.app).await;
     assert!(
@@ -440,7 +440,7 @@ async fn health_ready_and_metrics() {
     for _ in 0..50 {
         ready_status = s
             .http
-            .get(s.app.url("/ready"))
+            .get(s.app.admin_url("/ready"))
             .send()
             .await
             .unwrap()
@@ -458,7 +458,12 @@ async fn health_ready_and_metrics() {
 #[tokio::test]
 async fn certificate_api_is_mounted_with_a_pki_dir() {
     let s = Stack::start().await;
-    let resp = s.http.get(s.app.url("/pki/crl.pem")).send().await.unwrap();
+    let resp = s
+        .http
+        .get(s.app.admin_url("/pki/crl.pem"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 
     let pki = tempfile::tempdir().unwrap();
@@ -466,11 +471,16 @@ async fn certificate_api_is_mounted_with_a_pki_dir() {
     let mut cfg = config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits());
     cfg.pki_dir = Some(pki.path().to_path_buf());
     let mut app = App::start(cfg).await;
-    let resp = s.http.get(app.url("/pki/crl.pem")).send().await.unwrap();
+    let resp = s
+        .http
+        .get(app.admin_url("/pki/crl.pem"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let resp = s
         .http
-        .post(app.url(&format!("/api/v1/devices/{DEVICE}/certificate")))
+        .post(app.admin_url(&format!("/api/v1/devices/{DEVICE}/certificate")))
         .send()
         .await
         .unwrap();

@@ -15,7 +15,9 @@ use uuid::Uuid;
 #[tokio::test]
 async fn admin_endpoints_create_list_revoke() {
     let s = Stack::start().await;
-    let keys_url = s.app.url(&format!("/api/v1/devices/{DEVICE}/api-keys"));
+    let keys_url = s
+        .app
+        .admin_url(&format!("/api/v1/devices/{DEVICE}/api-keys"));
 
     // Admin token: missing → 401, wrong → 403.
     let resp = s.http.post(&keys_url).send().await.unwrap();
@@ -33,7 +35,7 @@ async fn admin_endpoints_create_list_revoke() {
     // Unknown device → 404 (create and list).
     let unknown = s
         .app
-        .url(&format!("/api/v1/devices/{}/api-keys", Uuid::new_v4()));
+        .admin_url(&format!("/api/v1/devices/{}/api-keys", Uuid::new_v4()));
     for resp in [
         s.http
             .post(&unknown)
@@ -158,7 +160,7 @@ async fn admin_endpoints_create_list_revoke() {
     // Unknown key, or a key of another device → 404.
     for url in [
         format!("{keys_url}/{}", Uuid::new_v4()),
-        s.app.url(&format!(
+        s.app.admin_url(&format!(
             "/api/v1/devices/{OTHER_DEVICE}/api-keys/{second_id}"
         )),
     ] {
@@ -220,7 +222,10 @@ async fn keys_never_appear_in_responses_or_logs() {
     bodies.push(b.to_string());
     let resp = s
         .http
-        .get(s.app.url(&format!("/api/v1/devices/{DEVICE}/api-keys")))
+        .get(
+            s.app
+                .admin_url(&format!("/api/v1/devices/{DEVICE}/api-keys")),
+        )
         .bearer_auth(&key)
         .send()
         .await

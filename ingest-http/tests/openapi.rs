@@ -1,14 +1,16 @@
-//! The OpenAPI document (`GET /openapi.json`) against the routes the sidecar really
-//! serves, both ways: every path of the built router is in the document and every
-//! documented path is routed; on every path, every documented method is served and
-//! every other method answers 405. With and without the certificate API (`--pki-dir`).
+//! Each listener's OpenAPI document (`GET /openapi.json` on the device listener and on
+//! the admin listener) against the routes that listener really serves, both ways: every
+//! path of the built router is in the document and every documented path is routed; on
+//! every path, every documented method is served and every other method answers 405.
+//! With and without the certificate API (`--pki-dir`). And every path of the admin
+//! document answers 404 on the device listener.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use argus_ingest_http::build_app;
+use argus_ingest_http::{build_app_and_document, Side};
 use axum::routing::get;
 use common::*;
 use reqwest::{Method, StatusCode};
@@ -41,8 +43,13 @@ fn router_paths(router: &axum::Router) -> BTreeSet<String> {
 }
 
 /// The served document: path → documented methods.
-async fn documented(s: &Stack, app: &App) -> (Value, BTreeMap<String, BTreeSet<String>>) {
-    let resp = s.http.get(app.url("/openapi.json")).send().await.unwrap();
+async fn documented(s: &Stack, base: &str) -> (Value, BTreeMap<String, BTreeSet<String>>) {
+    let resp = s
+        .http
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "application/json");
     let doc: Value = resp.json().await.unwrap();
@@ -78,11 +85,20 @@ fn concrete(path: &str) -> String {
     out
 }
 
-/// Both directions, on one app: router paths = documented paths; per path, documented
-/// methods are served (never the 404 or 405 fallback) and the others answer 405.
-async fn check_app(s: &Stack, app: &App) -> BTreeSet<String> {
-    let (_, doc) = documented(s, app).await;
-    let routed = router_paths(&build_app(app.state.clone()));
+fn base(app: &App, side: Side) -> &str {
+    match side {
+        Side::Device => &app.base,
+        Side::Admin => &app.admin_base,
+    }
+}
+
+/// Both directions, on one listener: router paths = documented paths; per path,
+/// documented methods are served (never the 404 or 405 fallback) and the others
+/// answer 405.
+async fn check_side(s: &Stack, app: &App, side: Side) -> BTreeSet<String> {
+    let base = base(app, side);
+    let (_, doc) = documented(s, base).await;
+    let routed = router_paths(&build_app_and_document(app.state.clone(), side).0);
     let described: BTreeSet<String> = doc.keys().cloned().collect();
     let undocumented: Vec<_> = routed.difference(&described).collect();
     assert!(
@@ -101,7 +117,7 @@ async fn check_app(s: &Stack, app: &App) -> BTreeSet<String> {
                 .http
                 .request(
                     Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
-                    app.url(&concrete(path)),
+                    format!("{base}{}", concrete(path)),
                 )
                 .send()
                 .await
@@ -134,9 +150,18 @@ async fn check_app(s: &Stack, app: &App) -> BTreeSet<String> {
 #[tokio::test]
 async fn the_document_describes_exactly_the_routes() {
     let s = Stack::start().await;
-    let without = check_app(&s, &s.app).await;
+    let device = check_side(&s, &s.app, Side::Device).await;
+    assert_eq!(
+        device,
+        BTreeSet::from([
+            "/api/v1/telemetry/ingest".to_string(),
+            "/health".to_string(),
+            "/openapi.json".to_string(),
+        ])
+    );
+    let without = check_side(&s, &s.app, Side::Admin).await;
+    assert!(!without.contains("/api/v1/telemetry/ingest"), "{without:?}");
     for path in [
-        "/api/v1/telemetry/ingest",
         "/api/v1/devices/{deviceId}/api-keys",
         "/api/v1/devices/{deviceId}/api-keys/{keyId}",
         "/health",
@@ -158,7 +183,8 @@ async fn the_document_describes_exactly_the_routes() {
     let mut cfg = config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits());
     cfg.pki_dir = Some(pki.path().to_path_buf());
     let mut app = App::start(cfg).await;
-    let with = check_app(&s, &app).await;
+    assert_eq!(check_side(&s, &app, Side::Device).await, device);
+    let with = check_side(&s, &app, Side::Admin).await;
     let added: BTreeSet<_> = with.difference(&without).cloned().collect();
     assert_eq!(
         added,
@@ -175,8 +201,10 @@ async fn the_document_describes_exactly_the_routes() {
 #[tokio::test]
 async fn a_route_outside_the_document_is_caught() {
     let s = Stack::start().await;
-    let (_, doc) = documented(&s, &s.app).await;
-    let router = build_app(s.app.state.clone()).route("/debug/extra", get(|| async { "hi" }));
+    let (_, doc) = documented(&s, &s.app.admin_base).await;
+    let router = build_app_and_document(s.app.state.clone(), Side::Admin)
+        .0
+        .route("/debug/extra", get(|| async { "hi" }));
     let routed = router_paths(&router);
     let undocumented: Vec<_> = routed.iter().filter(|p| !doc.contains_key(*p)).collect();
     assert_eq!(undocumented, ["/debug/extra"]);
@@ -188,7 +216,8 @@ async fn a_route_outside_the_document_is_caught() {
 #[tokio::test]
 async fn the_document_names_every_error_and_its_headers() {
     let s = Stack::start().await;
-    let (doc, _) = documented(&s, &s.app).await;
+    let (doc, _) = documented(&s, &s.app.base).await;
+    let (admin_doc, _) = documented(&s, &s.app.admin_base).await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
     let ingest = &doc["paths"]["/api/v1/telemetry/ingest"]["post"];
     let statuses: BTreeSet<&str> = ingest["responses"]
@@ -210,7 +239,12 @@ async fn the_document_names_every_error_and_its_headers() {
         doc["components"]["schemas"]["IngestBody"]["oneOf"][1]["maxItems"],
         test_limits().max_batch_readings
     );
-    for (path, item) in doc["paths"].as_object().unwrap() {
+    let every_path = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .chain(admin_doc["paths"].as_object().unwrap());
+    for (path, item) in every_path {
         for (method, op) in item.as_object().unwrap() {
             for (status, response) in op["responses"].as_object().unwrap() {
                 if status.starts_with('4') || status.starts_with('5') {
@@ -236,6 +270,57 @@ async fn the_document_names_every_error_and_its_headers() {
     }
     let again = s.http.get(s.app.url("/openapi.json")).send().await.unwrap();
     assert_eq!(again.json::<Value>().await.unwrap(), doc);
+}
+
+/// Every operation of the admin listener's document (the certificate API included)
+/// answers the JSON 404 on the device listener, with the admin token or without: an
+/// admin route is not there at all, not merely refused.
+#[tokio::test]
+async fn admin_paths_are_not_found_on_the_device_listener() {
+    let s = Stack::start().await;
+    let pki = tempfile::tempdir().unwrap();
+    argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
+    let mut cfg = config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits());
+    cfg.pki_dir = Some(pki.path().to_path_buf());
+    let mut app = App::start(cfg).await;
+    let (_, admin) = documented(&s, &app.admin_base).await;
+    // Both listeners have their own `/health` and `/openapi.json`; nothing else is shared.
+    let only_admin: Vec<_> = admin
+        .iter()
+        .filter(|(path, _)| !["/health", "/openapi.json"].contains(&path.as_str()))
+        .collect();
+    // The document is not empty by accident: the operator routes and the metrics.
+    for path in [
+        "/metrics",
+        "/ready",
+        "/api/v1/devices/{deviceId}/certificate",
+        "/pki/crl.der",
+    ] {
+        assert!(admin.contains_key(path), "{path}: {admin:?}");
+    }
+    assert!(only_admin.len() >= 7, "{only_admin:?}");
+    for (path, methods) in only_admin {
+        for method in methods {
+            for token in [Some(ADMIN_TOKEN), None] {
+                let url = app.url(&concrete(path));
+                let mut req = s.http.request(
+                    Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
+                    &url,
+                );
+                if let Some(t) = token {
+                    req = req.bearer_auth(t);
+                }
+                let resp = req.send().await.unwrap();
+                assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} {url}");
+                let body: Value = resp.json().await.unwrap();
+                assert_eq!(error_code(&body), "not_found", "{method} {url}");
+            }
+        }
+    }
+    // The same paths answer on the admin listener (not 404 everywhere).
+    let resp = s.http.get(app.admin_url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    app.stop().await;
 }
 
 /// Method, path, body, the status and code it answers with the admin token.
@@ -314,7 +399,7 @@ async fn operator_routes_answer_the_error_body_for_bad_paths_and_huge_bodies() {
     ];
     for (method, path, body, status, code) in cases {
         for token in [Some(ADMIN_TOKEN), None] {
-            let mut req = s.http.request(method.clone(), app.url(&path));
+            let mut req = s.http.request(method.clone(), app.admin_url(&path));
             if let Some(t) = token {
                 req = req.bearer_auth(t);
             }

@@ -124,7 +124,7 @@ async fn admin_apis_refuse_without_the_admin_token() {
         for (auth, api_key, want) in &variants {
             let mut req = s
                 .http
-                .request(method.clone(), s.app.url(&path))
+                .request(method.clone(), s.app.admin_url(&path))
                 .header("content-type", "application/json")
                 .body(body);
             if let Some(a) = auth {
@@ -174,7 +174,10 @@ async fn admin_apis_refuse_without_the_admin_token() {
     // And with the token, the same routes work (the refusals above were the token's).
     let r = s
         .http
-        .post(s.app.url(&format!("/api/v1/devices/{DEVICE}/certificate")))
+        .post(
+            s.app
+                .admin_url(&format!("/api/v1/devices/{DEVICE}/certificate")),
+        )
         .bearer_auth(ADMIN_TOKEN)
         .json(&serde_json::json!({"validityDays": 30}))
         .send()
@@ -236,12 +239,23 @@ async fn battery(s: &SecStack, key: &str, key_id: Uuid) -> Vec<Seen> {
         (Method::GET, "/debug/vars".into(), vec![], String::new()),
         (Method::PUT, "/health".into(), vec![], long.clone()),
     ];
-    for (method, path, headers, body) in requests {
-        let mut req = s.http.request(method.clone(), s.app.url(&path)).body(body);
+    // On both listeners: the admin paths answer 404 on the device listener, the
+    // ingest path 404 on the admin listener; neither may leak anything.
+    let on_both = requests.into_iter().flat_map(|r| {
+        [
+            (s.app.base.clone(), r.clone()),
+            (s.app.admin_base.clone(), r),
+        ]
+    });
+    for (base, (method, path, headers, body)) in on_both {
+        let mut req = s
+            .http
+            .request(method.clone(), format!("{base}{path}"))
+            .body(body);
         for (h, v) in &headers {
             req = req.header(*h, v);
         }
-        let what = format!("{method} {path}");
+        let what = format!("{method} {base}{path}");
         match req.send().await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
@@ -323,7 +337,10 @@ async fn no_endpoint_reveals_a_secret_or_a_stack_trace() {
     // The certificate API returns a private key only on success, and never the CA's.
     let r = s
         .http
-        .post(s.app.url(&format!("/api/v1/devices/{DEVICE}/certificate")))
+        .post(
+            s.app
+                .admin_url(&format!("/api/v1/devices/{DEVICE}/certificate")),
+        )
         .bearer_auth(ADMIN_TOKEN)
         .json(&serde_json::json!({}))
         .send()

@@ -23,7 +23,8 @@ lost (acked but missing from Postgres or JetStream), duplicated and dead-lettere
 Exit code: 0 when messages were sent and none was lost, duplicated or left unacked and no \
 sender failed; 1 otherwise; 2 on a setup error. Results and method: docs/benchmarks.md.\n\n\
 With the local stack: source .stack/env first (it sets DATABASE_URL, NATS_URLS, MQTT_URL, \
-MQTT_CA_FILE, ARGUS_PKI_DIR, INGEST_HTTP_URL, ARGUS_ADMIN_TOKEN)."
+MQTT_CA_FILE, ARGUS_PKI_DIR, INGEST_HTTP_URL, INGEST_HTTP_CA_FILE, INGEST_HTTP_ADMIN_URL, \
+ARGUS_ADMIN_TOKEN)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -159,12 +160,24 @@ pub struct MqttConn {
 pub struct HttpArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// The sidecar's device listener (ingest), `https://` with --ingest-http-ca-file.
     #[arg(
         long,
         env = "INGEST_HTTP_URL",
-        default_value = "http://127.0.0.1:17080"
+        default_value = "https://127.0.0.1:17080"
     )]
     pub ingest_http_url: String,
+    /// PEM CA certificate(s) the device listener's certificate must chain to (the local
+    /// stack's `ca.crt`); without it, only the system's roots are trusted.
+    #[arg(long, env = "INGEST_HTTP_CA_FILE")]
+    pub ingest_http_ca_file: Option<PathBuf>,
+    /// The sidecar's admin listener, where the API keys are created.
+    #[arg(
+        long,
+        env = "INGEST_HTTP_ADMIN_URL",
+        default_value = "http://127.0.0.1:17081"
+    )]
+    pub ingest_http_admin_url: String,
     #[arg(long, env = "ARGUS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: String,
     #[arg(long, env = "ARGUS_LOADTEST_DEVICES", default_value_t = 10)]

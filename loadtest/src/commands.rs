@@ -135,12 +135,9 @@ pub async fn http(args: &crate::cli::HttpArgs) -> anyhow::Result<Report> {
     let mut h = Harness::connect(&args.common, run_id.clone(), "ingest-http").await?;
     let ids = devices::register(&h.pg, &run_id, args.devices).await?;
     let base = args.ingest_http_url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency.max(1))
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .context("building the HTTP client")?;
-    let keyed = crate::http::create_keys(&client, &base, &args.admin_token, &ids).await?;
+    let admin = args.ingest_http_admin_url.trim_end_matches('/').to_string();
+    let client = crate::http::client(args.concurrency, args.ingest_http_ca_file.as_deref())?;
+    let keyed = crate::http::create_keys(&client, &admin, &args.admin_token, &ids).await?;
     h.start_collectors(ids.clone()).await?;
     let plan = crate::http::HttpPlan {
         run_id: run_id.clone(),
@@ -157,6 +154,7 @@ pub async fn http(args: &crate::cli::HttpArgs) -> anyhow::Result<Report> {
     };
     let config = json!({
         "ingest_http_url": base,
+        "ingest_http_admin_url": admin,
         "devices": args.devices,
         "batch": args.batch,
         "concurrency": args.concurrency,

@@ -1,6 +1,7 @@
 //! The HTTP sender: `--concurrency` clients posting single readings or batches of `--batch`
-//! to the sidecar's `POST /api/v1/telemetry/ingest`, each device with its own API key
-//! created through the admin API. A 200 acknowledges every reading of the request.
+//! to the sidecar's `POST /api/v1/telemetry/ingest` (its device listener, over TLS with
+//! `--ingest-http-ca-file`), each device with its own API key created through the admin
+//! listener. A 200 acknowledges every reading of the request.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,7 +23,66 @@ pub struct KeyedDevice {
     pub key: String,
 }
 
-/// Creates one API key per device with the admin token.
+/// The HTTP client: rustls (ring) trusting `ca_file`'s certificates, or the system's
+/// roots without it; plain `http://` works too.
+pub fn client(
+    concurrency: usize,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<reqwest::Client> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("--ingest-http-ca-file {}", path.display()))?
+            {
+                let cert =
+                    cert.with_context(|| format!("--ingest-http-ca-file {}", path.display()))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("--ingest-http-ca-file {}", path.display()))?;
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "--ingest-http-ca-file {}: no PEM CERTIFICATE in it",
+                path.display()
+            );
+        }
+        None => {
+            for cert in rustls_native_roots()? {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .pool_max_idle_per_host(concurrency.max(1))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")
+}
+
+/// The system's CA bundle (Debian's `ca-certificates`), when present.
+fn rustls_native_roots() -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    use rustls_pki_types::pem::PemObject as _;
+    let path = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    Ok(rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .with_context(|| path.display().to_string())?
+        .filter_map(Result::ok)
+        .collect())
+}
+
+/// Creates one API key per device with the admin token, on the admin listener `base`.
 pub async fn create_keys(
     http: &reqwest::Client,
     base: &str,
@@ -37,7 +97,7 @@ pub async fn create_keys(
             .json(&serde_json::json!({}))
             .send()
             .await
-            .context("creating an API key (is INGEST_HTTP_URL right?)")?;
+            .context("creating an API key (is INGEST_HTTP_ADMIN_URL right?)")?;
         let status = resp.status();
         anyhow::ensure!(
             status.is_success(),

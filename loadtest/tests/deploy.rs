@@ -94,6 +94,73 @@ fn every_service_has_a_pinned_image_or_build_and_a_health_check() {
     }
 }
 
+/// The sidecar: devices reach its TLS listener, never the admin one (API keys,
+/// certificates, `/metrics`), which only the internal network sees; Prometheus scrapes
+/// the admin listener; a revoke kicks through EMQX's API with a key from the env file.
+#[test]
+fn the_sidecar_publishes_only_its_tls_device_listener() {
+    let services = services();
+    let (_, svc) = services
+        .iter()
+        .find(|(n, _)| n == "ingest-http")
+        .expect("an ingest-http service");
+    let env = &svc["environment"];
+    let var = |name: &str| {
+        env[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("ingest-http: no {name}"))
+    };
+    let device_port = var("ARGUS_HTTP_LISTEN")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let admin_port = var("ARGUS_HTTP_ADMIN_LISTEN")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_ne!(device_port, admin_port);
+    assert!(var("ARGUS_HTTP_TLS_CERT").starts_with('/'));
+    assert!(var("ARGUS_HTTP_TLS_KEY").starts_with('/'));
+    assert!(
+        env.get("ARGUS_HTTP_INSECURE_HTTP").is_none(),
+        "the device listener must be TLS"
+    );
+    assert_eq!(var("ARGUS_PKI_PROFILE"), "production");
+    assert!(var("ARGUS_HTTP_CRL_URL").contains(&format!(":{admin_port}/")));
+    assert!(var("ARGUS_HTTP_EMQX_API_URL").starts_with("http://emqx:"));
+    for secret in ["ARGUS_HTTP_EMQX_API_KEY", "ARGUS_HTTP_EMQX_API_SECRET"] {
+        assert!(
+            var(secret).contains(":?"),
+            "{secret} must come from compose/.env"
+        );
+    }
+    let published = strings(&svc["ports"]);
+    assert!(
+        published
+            .iter()
+            .any(|p| p.ends_with(&format!(":{device_port}"))),
+        "the device listener is not published: {published:?}"
+    );
+    assert!(
+        !published.iter().any(|p| p.contains(&admin_port)),
+        "the admin listener is published: {published:?}"
+    );
+    assert!(strings(&svc["expose"]).contains(&admin_port));
+    let health = strings(&svc["healthcheck"]["test"]).join(" ");
+    assert!(
+        health.contains(&format!(":{admin_port}/health")),
+        "{health}"
+    );
+    let prometheus =
+        std::fs::read_to_string(repo().join("compose/prometheus/prometheus.yml")).unwrap();
+    assert!(
+        prometheus.contains(&format!("\"ingest-http:{admin_port}\"")),
+        "Prometheus must scrape the admin listener"
+    );
+}
+
 #[test]
 fn nats_is_a_three_node_cluster_at_2_10_23_or_later() {
     for (name, svc) in services().iter().filter(|(n, _)| n.starts_with("nats-")) {
@@ -509,9 +576,11 @@ async fn send_traffic() {
     assert!(status.success(), "mosquitto_pub failed");
 
     let http = stack_var("INGEST_HTTP_URL");
-    let client = reqwest::Client::new();
+    let admin = stack_var("INGEST_HTTP_ADMIN_URL");
+    let ca = stack_var("INGEST_HTTP_CA_FILE");
+    let client = argus_loadtest::http::client(1, Some(std::path::Path::new(&ca))).unwrap();
     let key: serde_json::Value = client
-        .post(format!("{http}/api/v1/devices/{device}/api-keys"))
+        .post(format!("{admin}/api/v1/devices/{device}/api-keys"))
         .bearer_auth(stack_var("ARGUS_ADMIN_TOKEN"))
         .json(&serde_json::json!({"expiresInDays": 1}))
         .send()
@@ -537,8 +606,8 @@ async fn scrape_all() -> (BTreeSet<String>, String) {
     for url in stack_var("BRIDGE_METRICS_URLS").split(',') {
         exported.push_str(&scrape(&format!("{}/metrics", url.trim_end_matches('/'))).await);
     }
-    let http = stack_var("INGEST_HTTP_URL");
-    exported.push_str(&scrape(&format!("{}/metrics", http.trim_end_matches('/'))).await);
+    let admin = stack_var("INGEST_HTTP_ADMIN_URL");
+    exported.push_str(&scrape(&format!("{}/metrics", admin.trim_end_matches('/'))).await);
     let names = exported
         .lines()
         .filter(|l| l.starts_with("# TYPE "))

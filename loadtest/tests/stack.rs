@@ -153,6 +153,8 @@ fn messages_of_an_unknown_device_are_dead_lettered_not_lost() {
 #[test]
 fn a_short_http_run_through_the_sidecar_loses_nothing() {
     stack_var("INGEST_HTTP_URL");
+    stack_var("INGEST_HTTP_CA_FILE");
+    stack_var("INGEST_HTTP_ADMIN_URL");
     stack_var("ARGUS_ADMIN_TOKEN");
     let (status, r) = run(
         "http",

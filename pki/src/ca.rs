@@ -20,7 +20,7 @@ use crate::index::{CertKind, Index, IndexEntry};
 use crate::{PkiError, RevocationReason};
 
 /// Where EMQX (and anyone) fetches the CRL: the HTTP sidecar's `GET /pki/crl.der`.
-pub const DEFAULT_CRL_URL: &str = "http://127.0.0.1:17080/pki/crl.der";
+pub const DEFAULT_CRL_URL: &str = "http://127.0.0.1:17081/pki/crl.der";
 /// SANs of the broker's server certificate when none are added.
 pub const DEFAULT_SANS: [&str; 2] = ["localhost", "127.0.0.1"];
 pub const CA_VALIDITY_DAYS: i64 = 3650;

@@ -31,7 +31,7 @@ impl Profile {
             Err(PkiError::InvalidCrlUrl(format!(
                 "--crl-url {crl_url:?} {why}: with --profile production the broker fetches the CRL \
                  from this URL, so it must name an address the broker can reach \
-                 (e.g. http://ingest-http:8080/pki/crl.der)"
+                 (e.g. http://ingest-http:8081/pki/crl.der)"
             )))
         };
         let Some(rest) = crl_url

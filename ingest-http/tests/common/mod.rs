@@ -1,11 +1,14 @@
 //! Test harness: real Postgres, NATS (JetStream) and Redis on free ports, and the real
-//! sidecar (`argus_ingest_http::serve`) in-process on 127.0.0.1:0, reached over HTTP.
+//! sidecar (`argus_ingest_http::serve`) in-process, its device and admin listeners on
+//! 127.0.0.1:0, reached over HTTP (the device listener over TLS with [`App::start_tls`]).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use argus_ingest_http::admin::AdminToken;
-use argus_ingest_http::{AppState, Config, Limits};
+use argus_ingest_http::tls::{CertReloader, TlsListener};
+use argus_ingest_http::{AppState, Config, DeviceListener, Limits, Listeners};
 use argus_testkit::nats::NatsServer;
 use argus_testkit::redis::RedisServer;
 use reqwest::StatusCode;
@@ -54,6 +57,9 @@ pub async fn prepare_database(url: &str) {
 pub fn config(db_url: &str, nats_url: &str, redis_url: &str, limits: Limits) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        emqx: None,
         database_url: db_url.to_string(),
         pg_pool_size: 4,
         sink_pg_pool_size: 4,
@@ -91,7 +97,10 @@ pub fn test_limits() -> Limits {
 
 /// One running sidecar.
 pub struct App {
+    /// The device listener (`http://` or `https://`).
     pub base: String,
+    /// The admin listener.
+    pub admin_base: String,
     pub state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
@@ -99,11 +108,29 @@ pub struct App {
 
 impl App {
     pub async fn start(config: Config) -> App {
-        let state = AppState::connect(config).await.expect("connect");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        Self::start_on(config, DeviceListener::Plain(listener)).await
+    }
+
+    /// The device listener over TLS with `reloader`'s certificate.
+    pub async fn start_tls(config: Config, reloader: &Arc<CertReloader>) -> App {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tls = TlsListener::new(listener, reloader.server_config().unwrap()).unwrap();
+        Self::start_on(config, DeviceListener::Tls(tls)).await
+    }
+
+    pub async fn start_on(config: Config, device: DeviceListener) -> App {
+        let state = AppState::connect(config).await.expect("connect");
+        let scheme = match device {
+            DeviceListener::Plain(_) => "http",
+            DeviceListener::Tls(_) => "https",
+        };
+        let base = format!("{scheme}://{}", device.local_addr().unwrap());
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_base = format!("http://{}", admin.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(argus_ingest_http::serve(listener, state.clone(), async {
+        let listeners = Listeners { device, admin };
+        let task = tokio::spawn(argus_ingest_http::serve(listeners, state.clone(), async {
             let _ = rx.await;
         }));
         // The registry's invalidation listener must be subscribed before a test revokes.
@@ -116,14 +143,21 @@ impl App {
         );
         App {
             base,
+            admin_base,
             state,
             shutdown: Some(tx),
             task: Some(task),
         }
     }
 
+    /// `path` on the device listener.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
+    }
+
+    /// `path` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{}", self.admin_base, path)
     }
 
     /// Graceful shutdown: stop, drain, close the sink.
@@ -233,7 +267,7 @@ pub async fn last_stream_bytes(nats_url: &str, device: Uuid) -> (String, Vec<u8>
 /// Admin: creates a key for `device`; returns (key id, key).
 pub async fn create_key(http: &reqwest::Client, app: &App, device: Uuid) -> (Uuid, String) {
     let resp = http
-        .post(app.url(&format!("/api/v1/devices/{device}/api-keys")))
+        .post(app.admin_url(&format!("/api/v1/devices/{device}/api-keys")))
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
@@ -249,7 +283,7 @@ pub async fn create_key(http: &reqwest::Client, app: &App, device: Uuid) -> (Uui
 /// Admin: revokes a key.
 pub async fn revoke_key(http: &reqwest::Client, app: &App, device: Uuid, key_id: Uuid) {
     let resp = http
-        .delete(app.url(&format!("/api/v1/devices/{device}/api-keys/{key_id}")))
+        .delete(app.admin_url(&format!("/api/v1/devices/{device}/api-keys/{key_id}")))
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
@@ -358,7 +392,7 @@ pub fn api_key_secret(key: &str) -> &str {
 
 /// The sidecar's `/metrics` exposition.
 pub async fn metrics_text(http: &reqwest::Client, app: &App) -> String {
-    let response = http.get(app.url("/metrics")).send().await.unwrap();
+    let response = http.get(app.admin_url("/metrics")).send().await.unwrap();
     response.text().await.unwrap()
 }
 
