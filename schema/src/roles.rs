@@ -40,7 +40,9 @@ impl fmt::Debug for Password {
 /// Why a password could not be set. Never contains the password.
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordError {
-    #[error("{role} is not a service role (expected one of argus_ingest, argus_admin, argus_reader)")]
+    #[error(
+        "{role} is not a service role (expected one of argus_ingest, argus_admin, argus_reader)"
+    )]
     UnknownRole { role: String },
     #[error("the password for {role} is empty")]
     Empty { role: &'static str },
@@ -52,7 +54,9 @@ pub enum PasswordError {
         source: tokio_postgres::Error,
     },
     /// The connected role may not change it (it needs `CREATEROLE`).
-    #[error("may not set the password of {role}: {reason}; connect as the owner (DATABASE_OWNER_URL)")]
+    #[error(
+        "may not set the password of {role}: {reason}; connect as the owner (DATABASE_OWNER_URL)"
+    )]
     NotAllowed {
         role: &'static str,
         reason: String,
@@ -75,13 +79,13 @@ pub async fn set_passwords(
 ) -> Result<Vec<&'static str>, PasswordError> {
     let mut checked = Vec::with_capacity(passwords.len());
     for (role, password) in passwords {
-        let role: &'static str = ALL
-            .iter()
-            .copied()
-            .find(|r| r == role)
-            .ok_or_else(|| PasswordError::UnknownRole {
-                role: (*role).to_owned(),
-            })?;
+        let role: &'static str =
+            ALL.iter()
+                .copied()
+                .find(|r| r == role)
+                .ok_or_else(|| PasswordError::UnknownRole {
+                    role: (*role).to_owned(),
+                })?;
         if password.0.is_empty() {
             return Err(PasswordError::Empty { role });
         }

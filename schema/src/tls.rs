@@ -85,7 +85,7 @@ impl PgConnectConfig {
         let mut config: tokio_postgres::Config =
             url.parse()
                 .map_err(|e: tokio_postgres::Error| TlsConfigError::Url {
-                    reason: crate::pg_error_text(&e),
+                    reason: parse_error_text(&e),
                 })?;
         config.ssl_mode(match mode.as_deref() {
             None | Some("disable") => SslMode::Disable,
@@ -127,6 +127,19 @@ impl PgConnectConfig {
     }
 }
 
+/// A URL parse error with its causes (the driver's `Display` alone says only "invalid
+/// configuration"). Never holds the URL.
+fn parse_error_text(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn roots(path: &PathBuf) -> Result<rustls::RootCertStore, TlsConfigError> {
     use rustls_pki_types::pem::PemObject;
     let shown = path.display().to_string();
@@ -147,23 +160,92 @@ fn roots(path: &PathBuf) -> Result<rustls::RootCertStore, TlsConfigError> {
     Ok(roots)
 }
 
+/// `url` with `sslrootcert=<ca_file>` added, unless it names one already: how
+/// `--pg-ca-file` travels with the URL to every pool and connection of a process.
+pub fn with_ca_file(url: &str, ca_file: &Path) -> Result<String, TlsConfigError> {
+    if take_tls_params(url).2.is_some() {
+        return Ok(url.to_owned());
+    }
+    let path = ca_file.to_str().ok_or_else(|| TlsConfigError::CaFile {
+        path: ca_file.display().to_string(),
+        reason: "the path is not UTF-8".into(),
+    })?;
+    if is_url(url) {
+        let encoded: String = path
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'.' | b'-' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Ok(format!("{url}{sep}sslrootcert={encoded}"))
+    } else if path.contains(char::is_whitespace) || path.contains('\'') {
+        Err(TlsConfigError::CaFile {
+            path: path.to_owned(),
+            reason: "a key=value connection string cannot take this path; use a postgres:// URL"
+                .into(),
+        })
+    } else {
+        Ok(format!("{url} sslrootcert={path}"))
+    }
+}
+
+fn is_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// `%2F` and friends back to bytes (a URL query value).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Removes `sslmode` and `sslrootcert` from `url` (tokio-postgres knows neither
 /// `verify-full` nor `sslrootcert`) and returns them.
 fn take_tls_params(url: &str) -> (String, Option<String>, Option<PathBuf>) {
     let mut mode = None;
     let mut root = None;
-    let mut take = |key: &str, value: &str| match key {
-        "sslmode" => {
-            mode = Some(value.to_owned());
-            true
+    let url_form = is_url(url);
+    let mut take = |key: &str, value: &str| {
+        let value = if url_form {
+            percent_decode(value)
+        } else {
+            value.to_owned()
+        };
+        match key {
+            "sslmode" => {
+                mode = Some(value);
+                true
+            }
+            "sslrootcert" => {
+                root = Some(PathBuf::from(value));
+                true
+            }
+            _ => false,
         }
-        "sslrootcert" => {
-            root = Some(PathBuf::from(value));
-            true
-        }
-        _ => false,
     };
-    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    let rest = if url_form {
         match url.split_once('?') {
             None => url.to_owned(),
             Some((base, query)) => {
@@ -250,8 +332,9 @@ mod tests {
 
     #[test]
     fn tls_parameters_are_taken_out_of_the_url() {
-        let (u, m, r) =
-            take_tls_params("postgres://u:p@h:5/db?sslmode=verify-full&sslrootcert=/c.pem&application_name=x");
+        let (u, m, r) = take_tls_params(
+            "postgres://u:p@h:5/db?sslmode=verify-full&sslrootcert=/c.pem&application_name=x",
+        );
         assert_eq!(u, "postgres://u:p@h:5/db?application_name=x");
         assert_eq!(m.as_deref(), Some("verify-full"));
         assert_eq!(r, Some(PathBuf::from("/c.pem")));
@@ -261,6 +344,27 @@ mod tests {
         assert_eq!(r, None);
         let (u, m, _) = take_tls_params("postgres://u@h/db");
         assert_eq!((u.as_str(), m), ("postgres://u@h/db", None));
+    }
+
+    #[test]
+    fn the_ca_file_travels_in_the_url() {
+        let u = with_ca_file(
+            "postgres://u@h/db?sslmode=verify-full",
+            Path::new("/a b/ca.crt"),
+        )
+        .expect("URL");
+        assert_eq!(
+            u,
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/a%20b/ca.crt"
+        );
+        assert_eq!(take_tls_params(&u).2, Some(PathBuf::from("/a b/ca.crt")));
+        // The URL's own sslrootcert= wins.
+        let own = "postgres://u@h/db?sslrootcert=/own.crt";
+        assert_eq!(with_ca_file(own, Path::new("/flag.crt")).expect("URL"), own);
+        assert_eq!(
+            with_ca_file("host=h sslmode=require", Path::new("/c.crt")).expect("kv"),
+            "host=h sslmode=require sslrootcert=/c.crt"
+        );
     }
 
     #[test]
@@ -280,8 +384,11 @@ mod tests {
         let e = PgConnectConfig::parse("postgres://u:secret@h/db?sslmode=verify-ca", None)
             .expect_err("verify-ca");
         assert!(matches!(e, TlsConfigError::UnsupportedMode(_)), "{e}");
-        let e = PgConnectConfig::parse("postgres://u:secret@h/db?sslmode=require", Some(Path::new("/nonexistent/ca.crt")))
-            .expect_err("missing CA file");
+        let e = PgConnectConfig::parse(
+            "postgres://u:secret@h/db?sslmode=require",
+            Some(Path::new("/nonexistent/ca.crt")),
+        )
+        .expect_err("missing CA file");
         assert!(e.to_string().contains("/nonexistent/ca.crt"), "{e}");
         assert!(!e.to_string().contains("secret"), "{e}");
     }

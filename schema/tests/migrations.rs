@@ -889,8 +889,7 @@ async fn cli_migrate_status_rollback() {
     let run = run_cli(&["migrate"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
-        run.stdout
-            .contains("applied 0007_service_roles"),
+        run.stdout.contains("applied 0007_service_roles"),
         "{}",
         run.stdout
     );
@@ -916,8 +915,7 @@ async fn cli_migrate_status_rollback() {
     let run = run_cli(&["rollback"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
-        run.stdout
-            .contains("rolled back 0007_service_roles"),
+        run.stdout.contains("rolled back 0007_service_roles"),
         "{}",
         run.stdout
     );

@@ -136,7 +136,9 @@ async fn each_role_has_what_its_process_needs_and_no_more() {
     // argus_ingest: registry look-ups and last_used_at, nothing else.
     let ingest = connect_as(&db, roles::INGEST).await;
     ingest
-        .batch_execute("SELECT * FROM devices; SELECT * FROM device_types; SELECT * FROM device_api_keys")
+        .batch_execute(
+            "SELECT * FROM devices; SELECT * FROM device_types; SELECT * FROM device_api_keys",
+        )
         .await
         .expect("argus_ingest reads the registry");
     ingest
@@ -154,7 +156,9 @@ async fn each_role_has_what_its_process_needs_and_no_more() {
     );
     assert_refused(
         ingest
-            .batch_execute("INSERT INTO devices (tenant_id, name) SELECT tenant_id, 'x' FROM devices LIMIT 1")
+            .batch_execute(
+                "INSERT INTO devices (tenant_id, name) SELECT tenant_id, 'x' FROM devices LIMIT 1",
+            )
             .await,
         "argus_ingest registers a device",
     );
@@ -217,11 +221,15 @@ async fn concurrent_migrations_share_the_roles_and_a_rollback_keeps_them_for_the
     // Roll back all but the last database: the roles stay, and the last still works.
     for url in &urls[..3] {
         let mut c = argus_schema::connect(url).await.expect("connect");
-        migrate::rollback(&mut c, Some(6)).await.expect("rollback 0007");
+        migrate::rollback(&mut c, Some(6))
+            .await
+            .expect("rollback 0007");
     }
     assert_eq!(role_count(urls[0].clone()).await, 3);
     let last = with_user(&urls[3], roles::INGEST);
-    let c = argus_schema::connect(&last).await.expect("argus_ingest logs in");
+    let c = argus_schema::connect(&last)
+        .await
+        .expect("argus_ingest logs in");
     c.batch_execute("SELECT count(*) FROM telemetry_raw")
         .await
         .expect("argus_ingest still reads telemetry_raw in the database still migrated");
@@ -233,8 +241,14 @@ async fn concurrent_migrations_share_the_roles_and_a_rollback_keeps_them_for_the
     );
 
     let mut c = argus_schema::connect(&urls[3]).await.expect("connect");
-    migrate::rollback(&mut c, Some(6)).await.expect("last rollback");
-    assert_eq!(role_count(urls[0].clone()).await, 0, "nothing uses them now");
+    migrate::rollback(&mut c, Some(6))
+        .await
+        .expect("last rollback");
+    assert_eq!(
+        role_count(urls[0].clone()).await,
+        0,
+        "nothing uses them now"
+    );
     // And up again.
     migrate::migrate(&mut c).await.expect("migrate again");
     assert_eq!(role_count(urls[0].clone()).await, 3);
@@ -245,7 +259,9 @@ async fn concurrent_migrations_share_the_roles_and_a_rollback_keeps_them_for_the
 async fn migration_0007_refuses_to_run_as_a_role_that_does_not_own_the_tables() {
     let db = TestDb::create().await;
     let mut client = db.client().await;
-    migrate::migrate_to(&mut client, 6).await.expect("up to 0006");
+    migrate::migrate_to(&mut client, 6)
+        .await
+        .expect("up to 0006");
     let stranger = format!("argus_test_stranger_{}", &db.name()[11..19]);
     client
         .batch_execute(&format!(
@@ -254,12 +270,11 @@ async fn migration_0007_refuses_to_run_as_a_role_that_does_not_own_the_tables() 
         ))
         .await
         .expect("a role that is not the owner");
-    let mut c = argus_schema::connect(&db.url_as(&stranger)).await.expect("login");
+    let mut c = argus_schema::connect(&db.url_as(&stranger))
+        .await
+        .expect("login");
     let err = migrate::migrate(&mut c).await.expect_err("not the owner");
-    assert!(
-        err.to_string().contains("must run as the owner"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("must run as the owner"), "{err}");
     drop(c);
     client
         .batch_execute(&format!(
@@ -309,12 +324,8 @@ async fn passwords_are_set_and_only_the_right_one_logs_in() {
         .get(0);
     assert!(stored.starts_with("SCRAM-SHA-256$"), "{stored}");
 
-    let as_role = |role: &str, pw: &str| {
-        format!(
-            "postgres://{role}:{pw}@127.0.0.1:{}/argus",
-            pg.port()
-        )
-    };
+    let as_role =
+        |role: &str, pw: &str| format!("postgres://{role}:{pw}@127.0.0.1:{}/argus", pg.port());
     let ok = argus_schema::connect(&as_role(roles::INGEST, &ingest_pw))
         .await
         .expect("argus_ingest with its password");
@@ -349,7 +360,9 @@ async fn verify_full_connects_to_the_right_server_and_refuses_a_wrong_ca_or_plai
         &read(good.join("server.key")),
     )
     .await;
-    let admin = argus_schema::connect(&pg.url("postgres")).await.expect("set-up");
+    let admin = argus_schema::connect(&pg.url("postgres"))
+        .await
+        .expect("set-up");
     admin
         .batch_execute("CREATE ROLE tls_user LOGIN")
         .await
@@ -363,7 +376,10 @@ async fn verify_full_connects_to_the_right_server_and_refuses_a_wrong_ca_or_plai
         .await
         .expect("verify-full with the server's CA");
     let ssl: String = c
-        .query_one("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .expect("pg_stat_ssl")
         .get(0);
