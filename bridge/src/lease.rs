@@ -19,7 +19,8 @@
 use std::time::Duration;
 
 use argus_pipeline::backoff::Backoff;
-use tokio_postgres::{Client, NoTls};
+use argus_schema::tls::PgConnectConfig;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -69,8 +70,10 @@ impl Drop for Session {
     }
 }
 
-async fn connect(database_url: &str) -> Result<Session, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+async fn connect(database_url: &str) -> anyhow::Result<Session> {
+    // lease_slot parsed the URL before the first connect, so this cannot fail there.
+    let pg = PgConnectConfig::parse(database_url, None)?;
+    let (client, connection) = pg.config.connect(pg.tls).await?;
     let closed = CancellationToken::new();
     let done = closed.clone();
     let driver = tokio::spawn(async move {
@@ -134,6 +137,7 @@ async fn try_lock(client: &Client, slot: u32) -> Result<bool, tokio_postgres::Er
 /// Leases the lowest free slot in `0..max_slots`, waiting (with backoff) while
 /// Postgres is unreachable. Fails only when every slot is taken.
 pub async fn lease_slot(database_url: &str, max_slots: u32) -> anyhow::Result<SlotLease> {
+    PgConnectConfig::parse(database_url, None)?;
     let mut backoff = Backoff::between(Duration::from_millis(200), RETAKE_MAX);
     let session = connect_retrying(database_url, &mut backoff, "lease a replica slot").await;
     for slot in 0..max_slots {

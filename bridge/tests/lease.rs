@@ -7,21 +7,32 @@ use std::time::{Duration, Instant};
 use argus_bridge::lease::{lease_slot, LOCK_BASE};
 use argus_testkit::pg::TestDb;
 
+/// A migrated database, and its URL as the bridge's role `argus_ingest`: the lease
+/// must work (lock, look up, end its own stale session) without more privileges.
+async fn migrated() -> (TestDb, String) {
+    let db = TestDb::create().await;
+    argus_schema::migrate::migrate(&mut db.client().await)
+        .await
+        .expect("migrate");
+    let url = db.url_as(argus_schema::roles::INGEST);
+    (db, url)
+}
+
 #[tokio::test]
 async fn replicas_lease_distinct_slots_and_a_freed_slot_is_reused() {
-    let db = TestDb::create().await;
-    let first = lease_slot(db.url(), 2).await.unwrap();
-    let second = lease_slot(db.url(), 2).await.unwrap();
+    let (_db, url) = migrated().await;
+    let first = lease_slot(&url, 2).await.unwrap();
+    let second = lease_slot(&url, 2).await.unwrap();
     assert_eq!((first.slot, second.slot), (0, 1));
 
-    let err = lease_slot(db.url(), 2).await.unwrap_err().to_string();
+    let err = lease_slot(&url, 2).await.unwrap_err().to_string();
     assert!(err.contains("all 2 replica slots are leased"), "{err}");
 
     // The replica on slot 0 dies: its replacement resumes slot 0 (and its sessions).
     drop(first);
     let mut replacement = None;
     for _ in 0..50 {
-        if let Ok(lease) = lease_slot(db.url(), 2).await {
+        if let Ok(lease) = lease_slot(&url, 2).await {
             replacement = Some(lease);
             break;
         }
@@ -63,9 +74,9 @@ async fn holder(admin: &tokio_postgres::Client, slot: u32) -> Option<i32> {
 
 #[tokio::test]
 async fn a_lost_lease_connection_takes_the_same_slot_again() {
-    let db = TestDb::create().await;
-    let _other = lease_slot(db.url(), 4).await.unwrap();
-    let lease = lease_slot(db.url(), 4).await.unwrap();
+    let (db, url) = migrated().await;
+    let _other = lease_slot(&url, 4).await.unwrap();
+    let lease = lease_slot(&url, 4).await.unwrap();
     assert_eq!(lease.slot, 1);
     let admin = db.client().await;
     let before = holder(&admin, 1).await.expect("slot 1 held");
@@ -85,8 +96,8 @@ async fn a_lost_lease_connection_takes_the_same_slot_again() {
 
 #[tokio::test]
 async fn a_slot_taken_by_another_process_during_a_blip_stops_the_holder() {
-    let db = TestDb::create().await;
-    let lease = lease_slot(db.url(), 4).await.unwrap();
+    let (db, url) = migrated().await;
+    let lease = lease_slot(&url, 4).await.unwrap();
     let admin = db.client().await;
     cut_lease_sessions(&admin).await;
     // Another process takes slot 0 while the holder waits to reconnect.

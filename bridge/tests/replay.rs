@@ -63,7 +63,7 @@ async fn register(stack: &Stack, id: Uuid) {
 fn dlq(stack: &Stack, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_argus-dlq"));
     c.args(args)
-        .env("DATABASE_URL", stack.pg.url())
+        .env("DATABASE_URL", stack.pg.service_url())
         .env("NATS_URLS", stack.nats.url())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());

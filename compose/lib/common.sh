@@ -64,7 +64,12 @@ CRL_EXPORTER_PORT=17100
 
 DEMO_DEVICE_ID=0d000000-0000-4000-8000-000000000001
 
-DATABASE_URL="postgres://argus@127.0.0.1:$PG_PORT/argus"
+# One URL per Postgres role (docs/schema.md, "Roles"); trust on loopback, so no passwords.
+# DATABASE_URL is for reading (operators, psql, the chaos suite's counts).
+DATABASE_URL="postgres://argus_reader@127.0.0.1:$PG_PORT/argus"
+DATABASE_OWNER_URL="postgres://argus_owner@127.0.0.1:$PG_PORT/argus"
+INGEST_DATABASE_URL="postgres://argus_ingest@127.0.0.1:$PG_PORT/argus"
+ADMIN_DATABASE_URL="postgres://argus_admin@127.0.0.1:$PG_PORT/argus"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 NATS_URLS="nats://127.0.0.1:${NATS_CLIENT_PORTS[0]},nats://127.0.0.1:${NATS_CLIENT_PORTS[1]},nats://127.0.0.1:${NATS_CLIENT_PORTS[2]}"
 MQTT_URL="mqtts://127.0.0.1:$MQTT_PORT"

@@ -185,6 +185,13 @@ pub struct Cli {
     #[arg(long, env = "ARGUS_HTTP_PREAUTH_BURST", default_value_t = 40)]
     pub preauth_burst: u32,
 
+    /// Postgres URL of the admin routes (API keys, certificates), as the `argus_admin`
+    /// role; the device routes and the sink use --database-url (`argus_ingest`), which
+    /// may not issue keys or certificates. Same server, same --pg-ca-file. Default:
+    /// --database-url. Its pool has --pg-pool-size connections.
+    #[arg(long, env = "ADMIN_DATABASE_URL", hide_env_values = true)]
+    pub admin_database_url: Option<String>,
+
     /// Postgres connections of the sink, a pool apart from the look-ups' `--pg-pool-size`,
     /// so a flood of look-ups cannot starve the writes.
     #[arg(long, env = "ARGUS_HTTP_SINK_PG_POOL_SIZE", default_value_t = 4)]
@@ -244,7 +251,9 @@ pub struct Config {
     /// `--emqx-api-url` and its key: the kick after a revocation; `None`: off.
     pub emqx: Option<EmqxConfig>,
     pub database_url: String,
-    /// The look-ups' pool (registry, API keys, certificates).
+    /// The admin routes' URL (`--admin-database-url`, else `--database-url`).
+    pub admin_database_url: String,
+    /// The look-ups' pool (registry, API keys), and the admin routes' pool.
     pub pg_pool_size: usize,
     /// The sink's own pool.
     pub sink_pg_pool_size: usize,
@@ -480,7 +489,16 @@ impl Cli {
             tls,
             emqx,
             redis_url: self.redis.url(),
-            database_url: self.pg.database_url,
+            admin_database_url: match self.admin_database_url.as_deref().map(str::trim) {
+                None | Some("") => self.pg.url()?,
+                Some(url) => {
+                    let url = self.pg.url_of(url, "admin-database-url")?;
+                    argus_schema::tls::PgConnectConfig::parse(&url, None)
+                        .map_err(|e| invalid("admin-database-url", e.to_string()))?;
+                    url
+                }
+            },
+            database_url: self.pg.url()?,
             pg_pool_size: self.pg.pg_pool_size,
             sink_pg_pool_size: self.sink_pg_pool_size,
             nats_urls,

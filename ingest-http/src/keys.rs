@@ -169,7 +169,7 @@ pub async fn create(
     state.admin().check(&headers)?;
     let device_id = parse_device_id(&path_segments(path, NO_DEVICE)?)?;
     let expires_in_days = parse_create_body(&body_bytes(body)?)?;
-    let client = state.pool().get().await?;
+    let client = state.admin_pool().get().await?;
     if !device_exists(&client, device_id).await? {
         return Err(ApiError::not_found("No device with this id."));
     }
@@ -229,7 +229,7 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     state.admin().check(&headers)?;
     let device_id = parse_device_id(&path_segments(path, NO_DEVICE)?)?;
-    let client = state.pool().get().await?;
+    let client = state.admin_pool().get().await?;
     if !device_exists(&client, device_id).await? {
         return Err(ApiError::not_found("No device with this id."));
     }
@@ -295,7 +295,7 @@ pub async fn revoke(
     let device_id = parse_device_id(&device_id)?;
     let key_id =
         Uuid::parse_str(&key_id).map_err(|_| ApiError::not_found("No API key with this id."))?;
-    let client = state.pool().get().await?;
+    let client = state.admin_pool().get().await?;
     let row = client
         .query_opt(
             "UPDATE device_api_keys SET revoked_at = COALESCE(revoked_at, now()) \

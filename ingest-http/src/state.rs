@@ -1,5 +1,6 @@
 //! The application state every handler shares (one `Arc`, cheap to clone), and how
-//! it is built from a [`Config`]: two Postgres pools (look-ups, and the sink's own),
+//! it is built from a [`Config`]: three Postgres pools (look-ups and the sink's own as
+//! `--database-url`'s role, the admin routes' as `--admin-database-url`'s),
 //! NATS client and its publish limits, registry, sink, the in-flight budgets, the
 //! pre-auth [`KeyGate`], and the certificate API's [`CertState`] (served by
 //! `crate::certificates`).
@@ -49,6 +50,8 @@ pub struct AppState {
 
 struct Inner {
     pool: deadpool_postgres::Pool,
+    /// The admin routes' pool (API keys, certificates): another role than `pool`'s.
+    admin_pool: deadpool_postgres::Pool,
     nats: async_nats::Client,
     registry: Registry,
     submitter: Submitter,
@@ -88,6 +91,7 @@ impl AppState {
     pub async fn connect(config: Config) -> Result<AppState, StartError> {
         let pool = pg_pool(&config.database_url, config.pg_pool_size)?;
         let sink_pool = pg_pool(&config.database_url, config.sink_pg_pool_size)?;
+        let admin_pool = pg_pool(&config.admin_database_url, config.pg_pool_size)?;
         let nats = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect(config.nats_urls.clone())
@@ -118,7 +122,7 @@ impl AppState {
                 let mut cert = CertState::load(
                     dir,
                     config.crl_url.clone(),
-                    pool.clone(),
+                    admin_pool.clone(),
                     config.admin_token.clone(),
                 )?;
                 if let Some(pid_file) = &config.broker_pid_file {
@@ -136,7 +140,7 @@ impl AppState {
         };
         Ok(Self::from_parts(
             config,
-            pool,
+            (pool, admin_pool),
             (nats, publish_limits),
             registry,
             submitter,
@@ -146,7 +150,7 @@ impl AppState {
 
     fn from_parts(
         config: Config,
-        pool: deadpool_postgres::Pool,
+        (pool, admin_pool): (deadpool_postgres::Pool, deadpool_postgres::Pool),
         (nats, publish_limits): (async_nats::Client, PublishLimits),
         registry: Registry,
         submitter: Submitter,
@@ -170,6 +174,7 @@ impl AppState {
                 metrics,
                 draining: AtomicBool::new(false),
                 pool,
+                admin_pool,
                 nats,
                 registry,
                 submitter,
@@ -182,6 +187,10 @@ impl AppState {
 
     pub fn pool(&self) -> &deadpool_postgres::Pool {
         &self.inner.pool
+    }
+    /// The admin routes' pool (`--admin-database-url`).
+    pub fn admin_pool(&self) -> &deadpool_postgres::Pool {
+        &self.inner.admin_pool
     }
     pub fn nats(&self) -> &async_nats::Client {
         &self.inner.nats

@@ -60,7 +60,8 @@ async fn serves_from_env_and_stops_gracefully_on_sigterm() {
     let (port, admin_port) = (argus_testkit::free_port(), argus_testkit::free_port());
     let mut child = Command::new(BIN)
         .env_clear()
-        .env("DATABASE_URL", db.url())
+        .env("DATABASE_URL", db.url_as(argus_schema::roles::INGEST))
+        .env("ADMIN_DATABASE_URL", db.url_as(argus_schema::roles::ADMIN))
         .env("NATS_URLS", nats.url())
         .env("REDIS_URL", redis.url())
         .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -160,7 +161,8 @@ async fn re_signs_the_crl_past_its_max_age_and_reports_its_age() {
     let (port, admin_port) = (argus_testkit::free_port(), argus_testkit::free_port());
     let mut child = Command::new(BIN)
         .env_clear()
-        .env("DATABASE_URL", db.url())
+        .env("DATABASE_URL", db.url_as(argus_schema::roles::INGEST))
+        .env("ADMIN_DATABASE_URL", db.url_as(argus_schema::roles::ADMIN))
         .env("NATS_URLS", nats.url())
         .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("ARGUS_PKI_DIR", pki.path())

@@ -46,7 +46,8 @@ impl Api {
 
         let pki = tempfile::tempdir().unwrap();
         Ca::init(pki.path(), &[]).unwrap();
-        let pool = argus_ingest_http::state::pg_pool(db.url(), 4).unwrap();
+        let pool =
+            argus_ingest_http::state::pg_pool(&db.url_as(argus_schema::roles::ADMIN), 4).unwrap();
         let state = CertState::load(pki.path(), None, pool, AdminToken::new(ADMIN)).unwrap();
         let ca_pem = state.ca.ca_certificate_pem().to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -22,7 +22,7 @@ TELEMETRY_RAW_V1 (its own ephemeral consumers), TELEMETRY_DLQ and telemetry_raw,
 lost (acked but missing from Postgres or JetStream), duplicated and dead-lettered messages.\n\n\
 Exit code: 0 when messages were sent and none was lost, duplicated or left unacked and no \
 sender failed; 1 otherwise; 2 on a setup error. Results and method: docs/benchmarks.md.\n\n\
-With the local stack: source .stack/env first (it sets DATABASE_URL, NATS_URLS, MQTT_URL, \
+With the local stack: source .stack/env first (it sets DATABASE_OWNER_URL, NATS_URLS, MQTT_URL, \
 MQTT_CA_FILE, ARGUS_PKI_DIR, INGEST_HTTP_URL, INGEST_HTTP_CA_FILE, INGEST_HTTP_ADMIN_URL, \
 ARGUS_ADMIN_TOKEN)."
 )]
@@ -50,7 +50,9 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// Where the stores are, how long to wait, where to write the report.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    #[arg(long, env = "DATABASE_URL")]
+    /// Postgres URL as the owner role: each run registers its devices (INSERT into
+    /// devices) and reads telemetry_raw. `.stack/env` exports DATABASE_OWNER_URL.
+    #[arg(long, env = "DATABASE_OWNER_URL", hide_env_values = true)]
     pub database_url: String,
     /// Comma-separated NATS URLs.
     #[arg(long, env = "NATS_URLS")]

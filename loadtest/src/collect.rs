@@ -355,7 +355,11 @@ impl PgConn {
 }
 
 pub async fn connect_pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    // TLS as the URL's sslmode says (sslrootcert= for verify-full), as every Argus process.
+    let pg = argus_schema::tls::PgConnectConfig::parse(url, None).context("--database-url")?;
+    let (client, conn) = pg
+        .config
+        .connect(pg.tls)
         .await
         .with_context(|| "connecting to Postgres (--database-url)".to_string())?;
     tokio::spawn(async move {

@@ -382,6 +382,72 @@ fn env_example_lists_every_variable_and_secrets_have_no_defaults() {
 }
 
 #[test]
+fn services_connect_as_their_roles_over_verified_tls_never_as_the_superuser() {
+    // Which role each Postgres URL of each service must log in as (docs/schema.md, "Roles").
+    let expected: &[(&str, &str, &str)] = &[
+        ("migrate", "DATABASE_URL", "argus_owner"),
+        ("bridge", "DATABASE_URL", "argus_ingest"),
+        ("ingest-http", "DATABASE_URL", "argus_ingest"),
+        ("ingest-http", "ADMIN_DATABASE_URL", "argus_admin"),
+    ];
+    let services = services();
+    let superuser = services
+        .iter()
+        .find(|(n, _)| n == "postgres")
+        .map(|(_, s)| {
+            s["environment"]["POSTGRES_USER"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .expect("a postgres service");
+    for (name, svc) in &services {
+        let Some(env) = svc["environment"].as_mapping() else {
+            continue;
+        };
+        for (k, v) in env {
+            let (Some(k), Some(url)) = (k.as_str(), v.as_str()) else {
+                continue;
+            };
+            if !url.starts_with("postgres://") {
+                continue;
+            }
+            let user = url["postgres://".len()..].split([':', '@']).next().unwrap();
+            assert_ne!(user, superuser, "{name}: {k} logs in as the superuser");
+            assert!(
+                url.contains("sslmode=verify-full"),
+                "{name}: {k} does not verify the server (sslmode=verify-full)"
+            );
+            assert!(
+                env.get("PGSSLROOTCERT").is_some() || url.contains("sslrootcert="),
+                "{name}: {k} has no CA to verify against"
+            );
+        }
+    }
+    for (name, var, role) in expected {
+        let svc = &services.iter().find(|(n, _)| n == name).unwrap().1;
+        let url = svc["environment"][*var]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: no {var}"));
+        assert!(
+            url.starts_with(&format!("postgres://{role}:")),
+            "{name}: {var} must log in as {role}"
+        );
+    }
+    // The server: TLS on, network logins over TLS only.
+    let pg = &services.iter().find(|(n, _)| n == "postgres").unwrap().1;
+    assert!(
+        strings(&pg["command"]).iter().any(|a| a == "ssl=on"),
+        "postgres: ssl=on"
+    );
+    let init = std::fs::read_to_string(repo().join("compose/postgres/init-owner.sh")).unwrap();
+    assert!(
+        init.contains("hostssl all all all"),
+        "init-owner.sh: hostssl"
+    );
+}
+
+#[test]
 fn emqx_config_has_every_security_setting() {
     let conf = std::fs::read_to_string(repo().join("compose/emqx/emqx.conf")).unwrap();
     let flat: String = conf

@@ -15,7 +15,7 @@ fn stack_var(name: &str) -> String {
 
 fn loadtest(sub: &str) -> Command {
     for v in [
-        "DATABASE_URL",
+        "DATABASE_OWNER_URL",
         "NATS_URLS",
         "MQTT_URL",
         "MQTT_CA_FILE",

@@ -4,7 +4,7 @@
 //!
 //! | block | flags | env |
 //! |---|---|---|
-//! | [`PgArgs`] | `--database-url`, `--pg-pool-size` | `DATABASE_URL`, `<PREFIX>PG_POOL_SIZE` |
+//! | [`PgArgs`] | `--database-url`, `--pg-ca-file`, `--pg-pool-size` | `DATABASE_URL`, `PGSSLROOTCERT`, `<PREFIX>PG_POOL_SIZE` |
 //! | [`NatsArgs`] | `--nats-urls` | `NATS_URLS` |
 //! | [`RedisArgs`] | `--redis-url` | `REDIS_URL` |
 //! | [`BatchArgs`] | `--batch-size`, `--batch-max-bytes`, `--batch-linger` | `<PREFIX>BATCH_SIZE`, `<PREFIX>BATCH_MAX_BYTES`, `<PREFIX>BATCH_LINGER` |
@@ -109,9 +109,16 @@ pub trait FlagEnv: Clone + Send + Sync + 'static {
 /// Postgres: where, and how many connections.
 #[derive(Debug, Clone, Args)]
 pub struct PgArgs<E: FlagEnv> {
-    /// Postgres connection URL.
+    /// Postgres connection URL. TLS: `?sslmode=verify-full` (certificate must chain to
+    /// --pg-ca-file and name the host), `require` (encrypted; checked only with a CA
+    /// file), `disable` or no sslmode (plain TCP).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+
+    /// CA certificate (PEM) the Postgres server's certificate must chain to. The URL's
+    /// own `sslrootcert=` wins. Same env name as libpq's, so `psql` checks the same way.
+    #[arg(long, env = "PGSSLROOTCERT", value_name = "FILE")]
+    pub pg_ca_file: Option<std::path::PathBuf>,
 
     /// Postgres connection pool size.
     #[arg(long, env = E::PG_POOL_SIZE, default_value = E::PG_POOL_SIZE_DEFAULT)]
@@ -129,7 +136,29 @@ impl<E: FlagEnv> PgArgs<E> {
         if self.pg_pool_size == 0 {
             return Err(ConfigError::new("pg-pool-size", "must be at least 1"));
         }
+        let url = self.url()?;
+        argus_schema::tls::PgConnectConfig::parse(&url, None).map_err(|e| match e {
+            argus_schema::tls::TlsConfigError::CaFile { .. } => {
+                ConfigError::new("pg-ca-file", e.to_string())
+            }
+            e => ConfigError::new("database-url", e.to_string()),
+        })?;
         Ok(())
+    }
+
+    /// `--database-url` with `--pg-ca-file` folded in as `sslrootcert=`, so one string
+    /// carries both to every pool and connection.
+    pub fn url(&self) -> Result<String, ConfigError> {
+        self.url_of(&self.database_url, "database-url")
+    }
+
+    /// Like [`PgArgs::url`], for another URL of the same server (the sidecar's admin URL).
+    pub fn url_of(&self, url: &str, flag: &'static str) -> Result<String, ConfigError> {
+        match &self.pg_ca_file {
+            None => Ok(url.to_owned()),
+            Some(ca) => argus_schema::tls::with_ca_file(url, ca)
+                .map_err(|e| ConfigError::new(flag, e.to_string())),
+        }
     }
 }
 

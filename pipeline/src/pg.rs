@@ -1,5 +1,7 @@
 //! The Postgres connection pool of the bridge and the HTTP sidecar: one builder, so both
-//! processes connect, recycle and time out the same way.
+//! processes connect, recycle and time out the same way, with TLS as the URL's `sslmode`
+//! says (`argus_schema::tls`; `--pg-ca-file` travels in the URL as `sslrootcert=`, see
+//! [`crate::flags::PgArgs::url`]).
 
 use std::time::Duration;
 
@@ -12,23 +14,24 @@ pub struct PoolTimeouts {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("invalid database URL: {0}")]
-    Url(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Url(#[from] argus_schema::tls::TlsConfigError),
     #[error("cannot build the connection pool: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
 }
 
-/// A pool of at most `size` connections to `url` (plain TCP; connections are made on
-/// first use, so Postgres may be down when this is called).
+/// A pool of at most `size` connections to `url` (TLS as its `sslmode` says;
+/// connections are made on first use, so Postgres may be down when this is called, but
+/// a bad URL or an unreadable CA file fails here).
 pub fn pool(
     url: &str,
     size: usize,
     timeouts: PoolTimeouts,
 ) -> Result<deadpool_postgres::Pool, PoolError> {
-    let pg_config: tokio_postgres::Config = url.parse()?;
+    let pg = argus_schema::tls::PgConnectConfig::parse(url, None)?;
     let manager = deadpool_postgres::Manager::from_config(
-        pg_config,
-        tokio_postgres::NoTls,
+        pg.config,
+        pg.tls,
         deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },

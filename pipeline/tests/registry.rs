@@ -40,7 +40,8 @@ async fn fixture() -> Fixture {
         )
         .await
         .unwrap();
-    let pg_config: tokio_postgres::Config = db.url().parse().unwrap();
+    // The registry reads as the bridge's role.
+    let pg_config: tokio_postgres::Config = db.url_as(argus_schema::roles::INGEST).parse().unwrap();
     let mgr = deadpool_postgres::Manager::new(pg_config, tokio_postgres::NoTls);
     let pool = deadpool_postgres::Pool::builder(mgr)
         .max_size(4)

@@ -20,7 +20,9 @@ use uuid::Uuid;
 const RAW_STREAM: &str = "TELEMETRY_RAW_V1";
 const DLQ_STREAM: &str = "TELEMETRY_DLQ";
 
+/// The sink's pool, as the service role `argus_ingest` (the URL's database is migrated).
 fn pool(url: &str) -> deadpool_postgres::Pool {
+    let url = argus_testkit::pg::with_user(url, argus_schema::roles::INGEST);
     let config: tokio_postgres::Config = url.parse().unwrap();
     let manager = deadpool_postgres::Manager::from_config(
         config,

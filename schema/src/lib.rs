@@ -5,21 +5,26 @@
 //!   (`NNNN_name.up.sql` / `NNNN_name.down.sql`) embedded in the binary, applied
 //!   in order, one transaction each, under a Postgres advisory lock, recorded
 //!   with a SHA-256 checksum in `schema_migrations`.
+//! - [`roles`]: the service roles (`argus_ingest`, `argus_admin`, `argus_reader`)
+//!   that migration 0007 creates, and setting their passwords as SCRAM verifiers.
 //! - [`seed`]: idempotent demo data (one organization, devices, assets, links,
 //!   threshold rules) with fixed ids other crates and tests refer to.
 //! - [`streams`]: JetStream streams and consumers as code.
+//! - [`tls`]: TLS to Postgres for every Argus process (`sslmode` from the URL,
+//!   verify-full against a CA file, rustls).
 //! - [`connect`]: opens a Postgres connection and turns connection failures
 //!   into one line that names host, port and database, never the password.
 
 pub mod migrate;
+pub mod roles;
 pub mod seed;
 pub mod streams;
+pub mod tls;
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use tokio_postgres::config::Host;
-use tokio_postgres::NoTls;
 
 /// Used when the URL does not set `connect_timeout`, so an unreachable host
 /// fails in seconds instead of hanging on the kernel's TCP timeout.
@@ -31,6 +36,9 @@ pub enum ConnectError {
     /// The URL itself is malformed. The URL is not repeated (it may hold a password).
     #[error("invalid database URL: {reason}")]
     InvalidUrl { reason: String },
+    /// The URL's TLS settings (or the CA file) cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsConfigError),
     /// The server could not be reached, refused the login, or the database does not exist.
     #[error("cannot connect to Postgres at {target}: {reason}")]
     Connect {
@@ -47,7 +55,7 @@ impl ConnectError {
     /// false for a bad URL, a wrong password or a missing database.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::InvalidUrl { .. } => false,
+            Self::InvalidUrl { .. } | Self::Tls(_) => false,
             Self::Connect { source, .. } => source.as_db_error().is_none(),
         }
     }
@@ -56,17 +64,26 @@ impl ConnectError {
 /// Opens a connection to `url` (a `postgres://` URL or a libpq key=value
 /// string) and spawns its driver on the current Tokio runtime.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, ConnectError> {
-    let mut config: tokio_postgres::Config =
-        url.parse()
-            .map_err(|e: tokio_postgres::Error| ConnectError::InvalidUrl {
-                reason: pg_error_text(&e),
-            })?;
+    connect_with(url, None).await
+}
+
+/// [`connect`] with a CA file for `sslmode` (`--pg-ca-file`; see [`tls`]).
+pub async fn connect_with(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<tokio_postgres::Client, ConnectError> {
+    let tls::PgConnectConfig {
+        mut config, tls, ..
+    } = tls::PgConnectConfig::parse(url, ca_file).map_err(|e| match e {
+        tls::TlsConfigError::Url { reason } => ConnectError::InvalidUrl { reason },
+        e => ConnectError::Tls(e),
+    })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
     let (client, connection) =
         config
-            .connect(NoTls)
+            .connect(tls)
             .await
             .map_err(|source| ConnectError::Connect {
                 target: describe_target(&config),

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use argus_schema::{connect, migrate, seed};
+use argus_schema::{connect_with, migrate, roles, seed};
 
 /// Argus schema tool: Postgres migrations and seed data, JetStream streams.
 ///
@@ -31,6 +31,15 @@ enum Command {
     ///
     /// Exits 0 when the schema is up to date, 2 when migrations are pending or changed.
     Status(DbArgs),
+    /// Set the service roles' passwords (run as the owner, after `migrate`).
+    ///
+    /// Reads them from the environment, never from the command line:
+    /// ARGUS_PG_INGEST_PASSWORD (argus_ingest), ARGUS_PG_ADMIN_PASSWORD (argus_admin),
+    /// ARGUS_PG_READER_PASSWORD (argus_reader). Each role whose variable is set gets that
+    /// password, the others keep theirs. The password is
+    /// hashed here (SCRAM-SHA-256) and only the hash is sent, so it never appears in
+    /// the server's logs.
+    Passwords(DbArgs),
     /// Insert the demo data (idempotent: fixed ids, existing rows are left alone).
     Seed(DbArgs),
     /// JetStream streams and consumers.
@@ -42,6 +51,16 @@ struct DbArgs {
     /// Postgres URL, e.g. postgres://argus@127.0.0.1:17432/argus.
     #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
     database_url: String,
+    /// CA certificate (PEM) that the Postgres server's certificate must chain to, for
+    /// sslmode=verify-full (or require) in the URL. The URL's sslrootcert= wins.
+    #[arg(long, env = "PGSSLROOTCERT", value_name = "FILE")]
+    pg_ca_file: Option<std::path::PathBuf>,
+}
+
+impl DbArgs {
+    async fn connect(&self) -> Result<tokio_postgres::Client, argus_schema::ConnectError> {
+        connect_with(&self.database_url, self.pg_ca_file.as_deref()).await
+    }
 }
 
 #[derive(Debug, Args)]
@@ -88,26 +107,50 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Migrate(args) => {
             let to = version_arg(args.to)?.unwrap_or_else(migrate::latest_version);
-            let mut client = connect(&args.db.database_url).await?;
+            let mut client = args.db.connect().await?;
             let report = migrate::migrate_to(&mut client, to).await?;
             println!("{report}");
         }
         Command::Rollback(args) => {
             let to = version_arg(args.to)?;
-            let mut client = connect(&args.db.database_url).await?;
+            let mut client = args.db.connect().await?;
             let report = migrate::rollback(&mut client, to).await?;
             println!("{report}");
         }
         Command::Status(db) => {
-            let client = connect(&db.database_url).await?;
+            let client = db.connect().await?;
             let status = migrate::status(&client).await?;
             println!("{status}");
             if !status.is_up_to_date() {
                 return Ok(ExitCode::from(2));
             }
         }
+        Command::Passwords(db) => {
+            let passwords: Vec<(&str, roles::Password)> = [
+                (roles::INGEST, "ARGUS_PG_INGEST_PASSWORD"),
+                (roles::ADMIN, "ARGUS_PG_ADMIN_PASSWORD"),
+                (roles::READER, "ARGUS_PG_READER_PASSWORD"),
+            ]
+            .into_iter()
+            .filter_map(|(role, var)| {
+                std::env::var(var)
+                    .ok()
+                    .map(|pw| (role, roles::Password::new(pw)))
+            })
+            .collect();
+            if passwords.is_empty() {
+                anyhow::bail!(
+                    "no password given: set ARGUS_PG_INGEST_PASSWORD, ARGUS_PG_ADMIN_PASSWORD \
+                     and/or ARGUS_PG_READER_PASSWORD"
+                );
+            }
+            let mut client = db.connect().await?;
+            for role in roles::set_passwords(&mut client, &passwords).await? {
+                println!("password of {role} set");
+            }
+        }
         Command::Seed(db) => {
-            let mut client = connect(&db.database_url).await?;
+            let mut client = db.connect().await?;
             let report = seed::seed(&mut client).await?;
             println!("{report}");
         }

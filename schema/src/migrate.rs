@@ -65,6 +65,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(4, "0004", "device_api_keys"),
     migration!(5, "0005", "telemetry_content_digest"),
     migration!(6, "0006", "telemetry_mqtt_properties"),
+    migration!(7, "0007", "service_roles"),
 ];
 
 /// The advisory lock key held while migrating or rolling back ("ARGUS_MG").

@@ -496,7 +496,7 @@ async fn every_down_migration_restores_the_previous_state_exactly() {
         migrate::migrate_to(&mut client, m.version).await.unwrap();
         up.push(without_bookkeeping(&catalog_dump(&client).await));
     }
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5, 6, 7]);
 
     // Coming down one step at a time must meet the same states.
     for (i, m) in MIGRATIONS.iter().enumerate().rev() {
@@ -533,7 +533,7 @@ async fn rollback_to_zero_leaves_nothing_and_migrate_again_gives_the_identical_s
             .iter()
             .map(|s| s.version)
             .collect::<Vec<_>>(),
-        vec![6, 5, 4, 3, 2, 1]
+        vec![7, 6, 5, 4, 3, 2, 1]
     );
     assert_eq!(report.current_version, 0);
     assert_same_schema(
@@ -590,7 +590,7 @@ async fn two_migrate_runs_started_together_both_succeed_and_apply_each_migration
     assert_eq!(counts, [0, MIGRATIONS.len()]);
     assert_eq!(ra.current_version, migrate::latest_version());
     assert_eq!(rb.current_version, migrate::latest_version());
-    assert_eq!(applied_versions(&a).await, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(applied_versions(&a).await, vec![1, 2, 3, 4, 5, 6, 7]);
 }
 
 #[tokio::test]
@@ -656,25 +656,25 @@ async fn invalid_rollbacks_are_refused_and_change_nothing() {
 
     migrate::migrate(&mut client).await.unwrap();
     let before = catalog_dump(&client).await;
-    for to in [7, 42, -1] {
+    for to in [8, 42, -1] {
         let err = migrate::rollback(&mut client, Some(to)).await.unwrap_err();
         assert!(matches!(err, MigrateError::NoSuchVersion { .. }), "{err:?}");
         assert!(err.to_string().contains(&to.to_string()), "{err}");
     }
     // Not below the current version.
-    let err = migrate::rollback(&mut client, Some(6)).await.unwrap_err();
+    let err = migrate::rollback(&mut client, Some(7)).await.unwrap_err();
     assert!(
         matches!(
             err,
             MigrateError::TargetNotBelowCurrent {
-                target: 6,
-                current: 6
+                target: 7,
+                current: 7
             }
         ),
         "{err:?}"
     );
     assert_same_schema(&catalog_dump(&client).await, &before, "schema changed");
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5, 6, 7]);
 
     // Past the first migration: after rolling back everything, one more step is refused.
     migrate::rollback(&mut client, Some(0)).await.unwrap();
@@ -889,8 +889,7 @@ async fn cli_migrate_status_rollback() {
     let run = run_cli(&["migrate"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
-        run.stdout
-            .contains("applied 0006_telemetry_mqtt_properties"),
+        run.stdout.contains("applied 0007_service_roles"),
         "{}",
         run.stdout
     );
@@ -898,7 +897,7 @@ async fn cli_migrate_status_rollback() {
 
     // Bad rollbacks: a clear error, nothing changed.
     let before = catalog_dump(&client).await;
-    for to in ["9", "6"] {
+    for to in ["9", "7"] {
         let run = run_cli(&["rollback", "--to", to], db.url());
         assert_ne!(run.code, 0, "--to {to}: {}", run.stdout);
         assert!(
@@ -916,12 +915,11 @@ async fn cli_migrate_status_rollback() {
     let run = run_cli(&["rollback"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
-        run.stdout
-            .contains("rolled back 0006_telemetry_mqtt_properties"),
+        run.stdout.contains("rolled back 0007_service_roles"),
         "{}",
         run.stdout
     );
-    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(applied_versions(&client).await, vec![1, 2, 3, 4, 5, 6]);
 
     let run = run_cli(&["rollback", "--to", "0"], db.url());
     assert_eq!(run.code, 0, "{}", run.stderr);

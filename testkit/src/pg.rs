@@ -36,6 +36,20 @@ pub fn with_database(url: &str, dbname: &str) -> String {
     out
 }
 
+/// `url` with its user replaced by `user` and no password: how the tests log in as a
+/// service role (`argus_ingest`, ...). The test clusters trust loopback logins (the
+/// machine's, the local stack's and [`PgServer::start`]'s), so no password is needed.
+pub fn with_user(url: &str, user: &str) -> String {
+    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let host = match rest[..authority_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    format!("{}{user}@{host}", &url[..scheme_end])
+}
+
 /// Connects and spawns the connection task.
 pub async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
@@ -96,6 +110,12 @@ impl TestDb {
         &self.name
     }
 
+    /// This database's URL as `role` (see [`with_user`]), e.g. `argus_ingest`. The
+    /// service roles exist once the database is migrated (migration 0007).
+    pub fn url_as(&self, role: &str) -> String {
+        with_user(&self.url, role)
+    }
+
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.url).await
     }
@@ -135,6 +155,8 @@ pub struct PgServer {
     server: Option<Server>,
     /// With [`PgServer::start_with_password`]: loopback TCP logins need this password.
     password: Option<String>,
+    /// With [`PgServer::start_with_tls`]: `ssl=on` with the certificate in the data dir.
+    tls: bool,
 }
 
 impl PgServer {
@@ -148,7 +170,50 @@ impl PgServer {
         Self::start_inner(Some(password.to_string())).await
     }
 
+    /// Like [`PgServer::start`], with `ssl=on` serving `cert_pem` (chain) and `key_pem`,
+    /// and a pg_hba.conf that lets every role in over TLS only (`hostssl`); plain TCP is
+    /// left to the superuser `postgres`, for this harness's own set-up.
+    pub async fn start_with_tls(cert_pem: &str, key_pem: &str) -> PgServer {
+        let mut pg = Self::init(None).await;
+        let data = pg.dir.path().join("data");
+        std::fs::write(data.join("server.crt"), cert_pem).expect("write server.crt");
+        std::fs::write(data.join("server.key"), key_pem).expect("write server.key");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all postgres 127.0.0.1/32 trust\n",
+        )
+        .expect("write pg_hba.conf");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = data.join("server.key");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod server.key");
+            if running_as_root() {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&key)
+                    .arg(data.join("server.crt"))
+                    .arg(data.join("pg_hba.conf"))
+                    .status()
+                    .expect("chown");
+                assert!(status.success(), "chown of the server key failed");
+            }
+        }
+        pg.tls = true;
+        pg.restart().await;
+        pg
+    }
+
     async fn start_inner(password: Option<String>) -> PgServer {
+        let mut pg = Self::init(password).await;
+        pg.restart().await;
+        pg
+    }
+
+    /// `initdb` on a free port; not started.
+    async fn init(password: Option<String>) -> PgServer {
         let dir = tempfile::Builder::new()
             .prefix("argus-pg-")
             .tempdir()
@@ -193,14 +258,13 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut pg = PgServer {
+        PgServer {
             port: free_port(),
             dir,
             server: None,
             password,
-        };
-        pg.restart().await;
-        pg
+            tls: false,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -249,6 +313,10 @@ impl PgServer {
             ])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"]);
+        if self.tls {
+            // server.crt and server.key in the data directory are the defaults' names.
+            cmd.args(["-c", "ssl=on"]);
+        }
         let log = self.dir.path().join("postgres.log");
         self.server = Some(Server::spawn(cmd, log));
         assert!(
@@ -336,6 +404,15 @@ mod tests {
             "postgres://u:p@h:1/b?sslmode=disable"
         );
         assert_eq!(with_database("postgres://h", "b"), "postgres://h/b");
+    }
+
+    #[test]
+    fn with_user_replaces_only_the_credentials() {
+        assert_eq!(
+            with_user("postgres://u:p@h:1/db?sslmode=disable", "argus_ingest"),
+            "postgres://argus_ingest@h:1/db?sslmode=disable"
+        );
+        assert_eq!(with_user("postgres://h/db", "r"), "postgres://r@h/db");
     }
 
     #[test]

@@ -342,7 +342,7 @@ impl Cli {
                 keep_alive,
                 reconnect_max,
             },
-            database_url: self.pg.database_url,
+            database_url: self.pg.url()?,
             pg_pool_size: self.pg.pg_pool_size,
             nats_urls,
             redis_url: self.redis.url(),

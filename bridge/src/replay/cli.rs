@@ -230,7 +230,7 @@ pub async fn replay(
     let filter = args.filter.filter();
     let js = jetstream(&args.nats).await?;
     let pool = argus_pipeline::pg::pool(
-        &args.pg.database_url,
+        &args.pg.url()?,
         args.pg.pg_pool_size,
         argus_pipeline::pg::PoolTimeouts {
             create: Duration::from_secs(5),

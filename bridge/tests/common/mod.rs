@@ -150,6 +150,12 @@ impl Pg {
         }
     }
 
+    /// The URL the bridge connects with: the service role `argus_ingest`, as in
+    /// production (the database is migrated, so the role exists).
+    pub fn service_url(&self) -> String {
+        argus_testkit::pg::with_user(&self.url(), argus_schema::roles::INGEST)
+    }
+
     pub fn server(&mut self) -> &mut PgServer {
         match self {
             Pg::Private(s, _) => s,
@@ -220,7 +226,7 @@ impl Stack {
             "--connections".into(),
             "2".into(),
             "--database-url".into(),
-            self.pg.url(),
+            self.pg.service_url(),
             "--nats-urls".into(),
             self.nats.url(),
             "--redis-url".into(),

@@ -54,13 +54,18 @@ pub async fn prepare_database(url: &str) {
     }
 }
 
+/// The sidecar's configuration for a migrated database at `db_url`: it connects as the
+/// service roles, as in production (`argus_ingest` for devices and the sink,
+/// `argus_admin` for the admin routes), never as the superuser in `db_url`.
 pub fn config(db_url: &str, nats_url: &str, redis_url: &str, limits: Limits) -> Config {
+    use argus_testkit::pg::with_user;
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         tls: None,
         emqx: None,
-        database_url: db_url.to_string(),
+        database_url: with_user(db_url, argus_schema::roles::INGEST),
+        admin_database_url: with_user(db_url, argus_schema::roles::ADMIN),
         pg_pool_size: 4,
         sink_pg_pool_size: 4,
         nats_urls: vec![nats_url.to_string()],
