@@ -59,7 +59,11 @@ async fn the_bridge_user_ingests_and_may_do_nothing_else() {
         async_nats::jetstream::context::DeleteStreamErrorKind::Request,
         "{err}"
     );
-    assert_eq!(raw(admin.clone()).await, 1, "the stream and its message stay");
+    assert_eq!(
+        raw(admin.clone()).await,
+        1,
+        "the stream and its message stay"
+    );
 
     // Publishing to events.v1.x: refused, nothing stored.
     let err = js
@@ -92,7 +96,10 @@ async fn the_bridge_user_ingests_and_may_do_nothing_else() {
         .consumer_info("demux-processor-group")
         .await
         .unwrap();
-    assert_eq!(demux.num_ack_pending, 0, "nothing was delivered to the bridge");
+    assert_eq!(
+        demux.num_ack_pending, 0,
+        "nothing was delivered to the bridge"
+    );
     assert_eq!(demux.delivered.stream_sequence, 0);
 }
 
@@ -113,7 +120,10 @@ async fn a_login_without_credentials_or_with_a_wrong_password_is_refused() {
     let err = argus_schema::nats::connect(&wrong, &urls, "t", Unreachable::Retry)
         .await
         .unwrap_err();
-    assert!(matches!(&err, NatsConnectError::Refused { user } if user == "bridge"), "{err}");
+    assert!(
+        matches!(&err, NatsConnectError::Refused { user } if user == "bridge"),
+        "{err}"
+    );
     assert!(!err.to_string().contains("pwrong-password-123"), "{err}");
 }
 
@@ -133,6 +143,9 @@ async fn the_bridge_refuses_to_start_with_a_wrong_password() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("refused the login of user bridge"), "{stderr}");
+    assert!(
+        stderr.contains("refused the login of user bridge"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("pwrong0secret0value"), "{stderr}");
 }

@@ -47,7 +47,10 @@ pub async fn connect_nats(
     urls: &str,
     auth: &argus_schema::nats::NatsAuth,
 ) -> anyhow::Result<async_nats::Client> {
-    let urls: Vec<String> = urls.split(',').map(|u| u.trim().replace('\\', "")).collect();
+    let urls: Vec<String> = urls
+        .split(',')
+        .map(|u| u.trim().replace('\\', ""))
+        .collect();
     Ok(argus_schema::nats::connect(
         auth,
         &urls,

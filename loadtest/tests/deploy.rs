@@ -498,7 +498,11 @@ fn every_nats_client_logs_in_as_its_user_and_no_nats_password_has_a_default() {
             // Each server has every user's password, as a secret without a default,
             // and includes the one authorization file.
             for (_, var) in &users {
-                assert_eq!(env[var.as_str()].as_str(), Some(secret(var).as_str()), "{name}: {var}");
+                assert_eq!(
+                    env[var.as_str()].as_str(),
+                    Some(secret(var).as_str()),
+                    "{name}: {var}"
+                );
             }
             assert!(
                 strings(&svc["volumes"])
@@ -525,7 +529,12 @@ fn every_nats_client_logs_in_as_its_user_and_no_nats_password_has_a_default() {
             "{name}: NATS_PASSWORD must be its user's secret, without a default"
         );
     }
-    assert!(clients >= 3, "migrate, bridge and ingest-http connect to NATS");
+    assert!(
+        clients >= 3,
+        "migrate, bridge and ingest-http connect to NATS"
+    );
     let conf = std::fs::read_to_string(repo().join("compose/nats/nats.conf")).unwrap();
-    assert!(conf.lines().any(|l| l.trim() == "include ./authorization.conf"));
+    assert!(conf
+        .lines()
+        .any(|l| l.trim() == "include ./authorization.conf"));
 }

@@ -76,7 +76,11 @@ fn loadtest(e: &Env, sub: &str) -> Command {
         .arg(e.nats.url())
         .env_remove("ARGUS_LOADTEST_BRIDGE_PIDS");
     // A run reads the streams as `loadtest`; `baseline` makes scratch streams as `admin`.
-    let user = if sub == "baseline" { "admin" } else { "loadtest" };
+    let user = if sub == "baseline" {
+        "admin"
+    } else {
+        "loadtest"
+    };
     c.env_remove("NATS_PASSWORD")
         .arg("--nats-user")
         .arg(user)

@@ -33,7 +33,10 @@ fn loadtest(sub: &str) -> Command {
     if sub != "baseline" {
         c.env_remove("NATS_PASSWORD")
             .env("NATS_USER", "loadtest")
-            .env("NATS_PASSWORD_FILE", stack.join("secrets/nats-loadtest.password"));
+            .env(
+                "NATS_PASSWORD_FILE",
+                stack.join("secrets/nats-loadtest.password"),
+            );
     }
     c
 }

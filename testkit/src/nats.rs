@@ -47,8 +47,7 @@ impl Users {
         for line in AUTHORIZATION.lines().map(str::trim) {
             if let Some(name) = line.strip_prefix("user:") {
                 user = Some(name.trim().to_owned());
-            } else if let (Some(var), Some(name)) =
-                (line.strip_prefix("password: $"), user.take())
+            } else if let (Some(var), Some(name)) = (line.strip_prefix("password: $"), user.take())
             {
                 let password: String = (0..24)
                     .map(|_| format!("{:02x}", rng.random::<u8>()))
