@@ -701,3 +701,40 @@ async fn full_queue_pushes_back_and_close_flushes() {
     assert_eq!(row_count(db.url()).await, 11);
     assert_eq!(stream_messages(&js, RAW_STREAM).await.len(), 11);
 }
+
+/// A sink whose NATS user may not publish telemetry (here the load tester's): the
+/// server's refusal is told apart from a slow server, nothing is acknowledged, nothing
+/// reaches the stream, and the rows stay stored.
+#[tokio::test]
+async fn a_publish_the_user_may_not_make_is_reported_as_refused_and_nothing_is_acked() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (js, _bridge) = jetstream_for(&nats).await;
+    let not_allowed = jetstream::new(client_as(&nats, "loadtest").await);
+    let (sink, _task) = Sink::start(config(), pool(db.url()), not_allowed);
+
+    let rs = readings(3, "refused");
+    let tickets = trickle(&sink, &rs, Duration::from_millis(1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        match sink.last_error() {
+            Some(e) if e.contains("NATS refused the publish") => break e,
+            _ => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no refusal reported; last error: {:?}",
+                    sink.last_error()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(error.contains("permissions"), "{error}");
+    assert!(!sink.is_healthy());
+    assert!(argus_pipeline::nats::refusals() > 0);
+    assert_eq!(sink.queued(), 3, "nothing acknowledged");
+    assert_eq!(row_count(db.url()).await, 3, "the rows are stored");
+    assert!(stream_messages(&js, RAW_STREAM).await.is_empty());
+    drop(tickets);
+}
