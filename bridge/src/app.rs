@@ -26,6 +26,7 @@ use argus_pipeline::pg;
 use argus_pipeline::reading::Limits;
 use argus_pipeline::registry::{Registry, RegistryConfig};
 use argus_pipeline::sink::{Sink, SinkConfig, SinkHandle};
+use argus_schema::nats::Unreachable;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -77,13 +78,15 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     crate::metrics::describe();
 
     let pool = pg_pool(&config.database_url, config.pg_pool_size)?;
-    let nats = async_nats::ConnectOptions::new()
-        .name(format!("argus-bridge-{}", config.mqtt.replica))
-        // Start even when NATS is down; the sink retries until it is back.
-        .retry_on_initial_connect()
-        .connect(config.nats_urls.clone())
-        .await
-        .context("--nats-urls")?;
+    // Start even when NATS is down (the sink retries until it is back); refused
+    // credentials are a start-up error that names the user.
+    let nats = argus_pipeline::nats::connect(
+        config.nats_auth.clone(),
+        &config.nats_urls,
+        &format!("argus-bridge-{}", config.mqtt.replica),
+        Unreachable::Retry,
+    )
+    .await?;
     // The largest envelope and dead letter must fit the server's max_payload.
     // NATS down at start-up: the check assumes NATS's default (1 MiB) and says so;
     // a smaller server limit then shows per message (`docs/bridge.md`).

@@ -84,8 +84,9 @@ async fn start_stack() -> Stack {
     let mut client = argus_testkit::pg::connect(&pg.url()).await;
     argus_schema::migrate::migrate(&mut client).await.unwrap();
     argus_schema::seed::seed(&mut client).await.unwrap();
-    let nc = async_nats::connect(nats.url()).await.unwrap();
-    argus_schema::streams::apply(&nc, Some(1)).await.unwrap();
+    argus_schema::streams::apply(&common::nats_client(&nats, "admin").await, Some(1))
+        .await
+        .unwrap();
     Stack {
         pki,
         mq,

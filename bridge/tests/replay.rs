@@ -65,6 +65,8 @@ fn dlq(stack: &Stack, args: &[&str]) -> Command {
     c.args(args)
         .env("DATABASE_URL", stack.pg.service_url())
         .env("NATS_URLS", stack.nats.url())
+        .env("NATS_USER", "dlq")
+        .env("NATS_PASSWORD", stack.nats.credentials("dlq").password)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
     c

@@ -258,6 +258,8 @@ pub struct Config {
     /// The sink's own pool.
     pub sink_pg_pool_size: usize,
     pub nats_urls: Vec<String>,
+    /// `--nats-user` and its password.
+    pub nats_auth: argus_schema::nats::NatsAuth,
     pub redis_url: Option<String>,
     pub admin_token: AdminToken,
     pub pki_dir: Option<PathBuf>,
@@ -415,6 +417,7 @@ impl Cli {
         };
         self.pg.validate()?;
         let nats_urls = self.nats.validate()?;
+        let nats_auth = self.nats.auth()?;
         if self.admin_token.chars().count() < MIN_ADMIN_TOKEN_LEN {
             return Err(invalid(
                 "admin-token",
@@ -502,6 +505,7 @@ impl Cli {
             pg_pool_size: self.pg.pg_pool_size,
             sink_pg_pool_size: self.sink_pg_pool_size,
             nats_urls,
+            nats_auth,
             admin_token: AdminToken::new(self.admin_token),
             pki_dir: self.pki_dir,
             crl_url: self.crl_url.filter(|u| !u.trim().is_empty()),

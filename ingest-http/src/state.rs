@@ -14,6 +14,7 @@ use argus_pki::{Ca, PkiError};
 use argus_pipeline::limits::{LimitError, PublishLimits};
 use argus_pipeline::registry::{Invalidation, Registry, RegistryConfig, RegistryError};
 use argus_pipeline::sink::{Sink, SinkConfig};
+use argus_schema::nats::Unreachable;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::admin::AdminToken;
@@ -92,11 +93,14 @@ impl AppState {
         let pool = pg_pool(&config.database_url, config.pg_pool_size)?;
         let sink_pool = pg_pool(&config.database_url, config.sink_pg_pool_size)?;
         let admin_pool = pg_pool(&config.admin_database_url, config.pg_pool_size)?;
-        let nats = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect(config.nats_urls.clone())
-            .await
-            .map_err(|e| StartError::Nats(e.to_string()))?;
+        let nats = argus_pipeline::nats::connect(
+            config.nats_auth.clone(),
+            &config.nats_urls,
+            "argus-ingest-http",
+            Unreachable::Retry,
+        )
+        .await
+        .map_err(|e| StartError::Nats(e.to_string()))?;
         let publish_limits = PublishLimits::from_server(&nats).await;
         publish_limits.check_config(config.limits.max_reading_bytes, "--max-reading-bytes")?;
         let registry = Registry::start(

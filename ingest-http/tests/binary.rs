@@ -37,6 +37,8 @@ async fn refuses_to_start_when_a_reading_could_not_fit_nats_max_payload() {
         .env_clear()
         .env("DATABASE_URL", "postgres://x@127.0.0.1:1/none")
         .env("NATS_URLS", nats.url())
+        .env("NATS_USER", "ingest-http")
+        .env("NATS_PASSWORD", nats.credentials("ingest-http").password)
         .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
         // NATS's default max_payload: the envelope of such a reading is larger.
         .env("ARGUS_HTTP_MAX_READING_BYTES", "1048576")
@@ -56,13 +58,15 @@ async fn serves_from_env_and_stops_gracefully_on_sigterm() {
         RedisServer::start()
     );
     prepare_database(db.url()).await;
-    apply_streams(&nats.url()).await;
+    apply_streams(&nats).await;
     let (port, admin_port) = (argus_testkit::free_port(), argus_testkit::free_port());
     let mut child = Command::new(BIN)
         .env_clear()
         .env("DATABASE_URL", db.url_as(argus_schema::roles::INGEST))
         .env("ADMIN_DATABASE_URL", db.url_as(argus_schema::roles::ADMIN))
         .env("NATS_URLS", nats.url())
+        .env("NATS_USER", "ingest-http")
+        .env("NATS_PASSWORD", nats.credentials("ingest-http").password)
         .env("REDIS_URL", redis.url())
         .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("ARGUS_HTTP_LISTEN", format!("127.0.0.1:{port}"))
@@ -154,7 +158,7 @@ async fn re_signs_the_crl_past_its_max_age_and_reports_its_age() {
 
     let (db, nats) = tokio::join!(argus_testkit::pg::TestDb::create(), NatsServer::start());
     prepare_database(db.url()).await;
-    apply_streams(&nats.url()).await;
+    apply_streams(&nats).await;
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).unwrap();
     let first = crl_number(pki.path());
@@ -164,6 +168,8 @@ async fn re_signs_the_crl_past_its_max_age_and_reports_its_age() {
         .env("DATABASE_URL", db.url_as(argus_schema::roles::INGEST))
         .env("ADMIN_DATABASE_URL", db.url_as(argus_schema::roles::ADMIN))
         .env("NATS_URLS", nats.url())
+        .env("NATS_USER", "ingest-http")
+        .env("NATS_PASSWORD", nats.credentials("ingest-http").password)
         .env("ARGUS_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("ARGUS_PKI_DIR", pki.path())
         .env("ARGUS_HTTP_CRL_MAX_AGE", "1s")

@@ -76,7 +76,7 @@ async fn a_reading_at_the_body_limit_is_refused_naming_it_and_later_requests_suc
         assert_eq!(st, StatusCode::OK, "{body}");
     }
     assert_eq!(row_count(&pg).await, 6);
-    assert_eq!(stream_count(&s.nats.url()).await, 6);
+    assert_eq!(stream_count(&s.nats).await, 6);
     let metrics = metrics_text(&s.http, &s.app).await;
     assert!(
         metrics.contains(r#"argus_http_rejected_total{reason="reading_too_large"}"#),

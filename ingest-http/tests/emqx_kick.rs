@@ -105,7 +105,7 @@ async fn start(timeout: Duration) -> Kicking {
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
     let secret = secret();
-    let mut cfg = config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits());
+    let mut cfg = config(s.db.url(), &s.nats, &s.redis.url(), test_limits());
     cfg.pki_dir = Some(pki.path().to_path_buf());
     cfg.emqx = Some(EmqxConfig {
         api_url: url,
@@ -287,12 +287,7 @@ async fn every_recorded_answer_is_handled_as_the_contract_says() {
 async fn an_unreachable_emqx_never_blocks_the_revocation() {
     let mut k = start(Duration::from_millis(300)).await;
     let port = argus_testkit::free_port();
-    let mut cfg = config(
-        k.s.db.url(),
-        &k.s.nats.url(),
-        &k.s.redis.url(),
-        test_limits(),
-    );
+    let mut cfg = config(k.s.db.url(), &k.s.nats, &k.s.redis.url(), test_limits());
     cfg.pki_dir = Some(k._pki.path().to_path_buf());
     cfg.emqx = Some(EmqxConfig {
         api_url: format!("http://127.0.0.1:{port}"),

@@ -19,10 +19,10 @@ async fn postgres_stopped_gives_503_then_the_same_request_succeeds() {
         tokio::join!(PgServer::start(), NatsServer::start(), RedisServer::start());
     let db_url = pg.create_database("argus").await;
     prepare_database(&db_url).await;
-    apply_streams(&nats.url()).await;
+    apply_streams(&nats).await;
     let mut limits = test_limits();
     limits.durability_timeout = Duration::from_secs(1);
-    let mut app = App::start(config(&db_url, &nats.url(), &redis.url(), limits)).await;
+    let mut app = App::start(config(&db_url, &nats, &redis.url(), limits)).await;
     let http = reqwest::Client::new();
     let (_, key) = create_key(&http, &app, DEVICE).await;
     // Warm the key and device caches (look-ups then need no Postgres).
@@ -54,7 +54,7 @@ async fn postgres_stopped_gives_503_then_the_same_request_succeeds() {
     assert_eq!(body["messageIds"].as_array().unwrap().len(), 2);
     let client = argus_testkit::pg::connect(&db_url).await;
     assert_eq!(row_count(&client).await, 3);
-    assert_eq!(stream_count(&nats.url()).await, 3);
+    assert_eq!(stream_count(&nats).await, 3);
     app.stop().await;
 }
 
@@ -92,5 +92,5 @@ async fn nats_stopped_gives_503_then_the_same_request_succeeds() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    assert_eq!(stream_count(&nats.url()).await, 2);
+    assert_eq!(stream_count(&nats).await, 2);
 }

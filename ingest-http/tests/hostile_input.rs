@@ -312,7 +312,7 @@ async fn hostile_http_input_table() {
     // Accounting: the 200s, once each, in both stores; nothing else.
     assert_eq!(row_count(&pg).await as usize, ok_ids.len(), "rows");
     assert_eq!(
-        stream_count(&s.nats.url()).await as usize,
+        stream_count(&s.nats).await as usize,
         ok_ids.len(),
         "stream messages"
     );
@@ -357,7 +357,7 @@ async fn hostile_http_input_table() {
         .get(0);
     assert_eq!(devices, 3);
     // Postgres-refused readings: one dead letter each.
-    let client = async_nats::connect(s.nats.url()).await.unwrap();
+    let client = nats_client(&s.nats, "admin").await;
     let js = async_nats::jetstream::new(client);
     let mut dlq = js.get_stream("TELEMETRY_DLQ").await.unwrap();
     let letters = dlq.info().await.unwrap().state.messages;

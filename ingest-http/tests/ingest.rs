@@ -40,8 +40,8 @@ async fn valid_key_stores_one_row_and_one_stream_message() {
         "2026-01-28T12:00:00+00:00"
     );
 
-    assert_eq!(stream_count(&s.nats.url()).await, 1);
-    let (msg_id, envelope) = last_stream_message(&s.nats.url(), DEVICE).await;
+    assert_eq!(stream_count(&s.nats).await, 1);
+    let (msg_id, envelope) = last_stream_message(&s.nats, DEVICE).await;
     assert_eq!(msg_id, id.to_string());
     assert_eq!(envelope["messageId"], id.to_string());
     assert_eq!(envelope["deviceId"], DEVICE.to_string());
@@ -86,7 +86,7 @@ async fn http_readings_keep_their_digits() {
         ]
     );
 
-    let (_, envelope) = last_stream_bytes(&s.nats.url(), DEVICE).await;
+    let (_, envelope) = last_stream_bytes(&s.nats, DEVICE).await;
     let envelope = String::from_utf8(envelope).unwrap();
     assert!(
         envelope.contains(&format!(r#""payload":{text}"#)),
@@ -149,7 +149,7 @@ async fn retries_are_idempotent_and_batches_return_every_id() {
     let (_, again, _) = ingest(&s.http, &s.app, Some(&key), &batch, Some("batch-1")).await;
     assert_eq!(again["messageIds"], json!(ids));
     assert_eq!(row_count(&pg).await, 6);
-    assert_eq!(stream_count(&s.nats.url()).await, 6);
+    assert_eq!(stream_count(&s.nats).await, 6);
     for id in &ids {
         let id: Uuid = id.as_str().unwrap().parse().unwrap();
         let n: i64 = pg
@@ -323,7 +323,7 @@ async fn rejections_store_nothing() {
     // Only the one accepted reading above is stored and published.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(row_count(&pg).await, 1);
-    assert_eq!(stream_count(&s.nats.url()).await, 1);
+    assert_eq!(stream_count(&s.nats).await, 1);
 
     // Rejections are counted by reason.
     let metrics = metrics_text(&s.http, &s.app).await;
@@ -468,7 +468,7 @@ async fn certificate_api_is_mounted_with_a_pki_dir() {
 
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
-    let mut cfg = config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits());
+    let mut cfg = config(s.db.url(), &s.nats, &s.redis.url(), test_limits());
     cfg.pki_dir = Some(pki.path().to_path_buf());
     let mut app = App::start(cfg).await;
     let resp = s

@@ -46,7 +46,7 @@ async fn curl_with_the_ca_reaches_the_tls_listener_and_plain_http_fails() {
     let reloader =
         CertReloader::load(pki.path().join("server.crt"), pki.path().join("server.key")).unwrap();
     let mut app = App::start_tls(
-        config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits()),
+        config(s.db.url(), &s.nats, &s.redis.url(), test_limits()),
         &reloader,
     )
     .await;
@@ -155,6 +155,8 @@ async fn sighup_reloads_the_certificate_and_a_bad_file_keeps_the_old_one() {
         &[
             ("DATABASE_URL", db.url().to_string()),
             ("NATS_URLS", nats.url()),
+            ("NATS_USER", "ingest-http".to_string()),
+            ("NATS_PASSWORD", nats.credentials("ingest-http").password),
             (
                 "ARGUS_HTTP_TLS_CERT",
                 files.path().join("tls.crt").display().to_string(),

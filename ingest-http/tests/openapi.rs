@@ -180,7 +180,7 @@ async fn the_document_describes_exactly_the_routes() {
 
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
-    let mut cfg = config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits());
+    let mut cfg = config(s.db.url(), &s.nats, &s.redis.url(), test_limits());
     cfg.pki_dir = Some(pki.path().to_path_buf());
     let mut app = App::start(cfg).await;
     assert_eq!(check_side(&s, &app, Side::Device).await, device);
@@ -280,7 +280,7 @@ async fn admin_paths_are_not_found_on_the_device_listener() {
     let s = Stack::start().await;
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
-    let mut cfg = config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits());
+    let mut cfg = config(s.db.url(), &s.nats, &s.redis.url(), test_limits());
     cfg.pki_dir = Some(pki.path().to_path_buf());
     let mut app = App::start(cfg).await;
     let (_, admin) = documented(&s, &app.admin_base).await;
@@ -335,7 +335,7 @@ async fn operator_routes_answer_the_error_body_for_bad_paths_and_huge_bodies() {
     let s = Stack::start().await;
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
-    let mut cfg = config(s.db.url(), &s.nats.url(), &s.redis.url(), test_limits());
+    let mut cfg = config(s.db.url(), &s.nats, &s.redis.url(), test_limits());
     cfg.pki_dir = Some(pki.path().to_path_buf());
     let mut app = App::start(cfg).await;
     let huge = vec![b' '; 3 * 1024 * 1024];

@@ -33,10 +33,10 @@ async fn start() -> SecStack {
         tokio::join!(PgServer::start(), NatsServer::start(), RedisServer::start());
     let db_url = pg.create_database("argus").await;
     prepare_database(&db_url).await;
-    apply_streams(&nats.url()).await;
+    apply_streams(&nats).await;
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).unwrap();
-    let mut config = config(&db_url, &nats.url(), &redis.url(), test_limits());
+    let mut config = config(&db_url, &nats, &redis.url(), test_limits());
     config.pki_dir = Some(pki.path().to_path_buf());
     let app = App::start(config).await;
     SecStack {

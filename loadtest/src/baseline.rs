@@ -468,7 +468,8 @@ pub async fn run(args: &BaselineArgs) -> anyhow::Result<BaselineReport> {
         cpu_stopped,
     ));
     let mut pg = collect::connect_pg(&args.common.database_url).await?;
-    let nats = collect::connect_nats(&args.common.nats_urls).await?;
+    let nats =
+        collect::connect_nats(&args.common.nats_urls, &args.common.nats_auth.auth()?).await?;
     let js = jetstream::new(nats);
     let n_dev = args.devices.max(1);
     let ids: Vec<(Uuid, bool)> = (0..=n_dev).map(|_| (Uuid::new_v4(), false)).collect();

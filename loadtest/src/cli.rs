@@ -57,6 +57,10 @@ pub struct CommonArgs {
     /// Comma-separated NATS URLs.
     #[arg(long, env = "NATS_URLS")]
     pub nats_urls: String,
+    /// The NATS user: `loadtest` for runs (it reads the raw and dead-letter streams),
+    /// `admin` for `baseline` (it makes scratch streams).
+    #[command(flatten)]
+    pub nats_auth: argus_schema::nats::NatsAuthArgs,
     #[arg(
         long,
         env = "ARGUS_LOADTEST_RAW_STREAM",

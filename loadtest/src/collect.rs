@@ -41,22 +41,23 @@ pub struct Seen {
 
 pub type SharedSeen = Arc<Mutex<Seen>>;
 
-pub async fn connect_nats(urls: &str) -> anyhow::Result<async_nats::Client> {
-    let addrs = urls
+/// Connects as `auth` (the loadtest user; `baseline` runs as admin) to the
+/// comma-separated `urls`.
+pub async fn connect_nats(
+    urls: &str,
+    auth: &argus_schema::nats::NatsAuth,
+) -> anyhow::Result<async_nats::Client> {
+    let urls: Vec<String> = urls
         .split(',')
         .map(|u| u.trim().replace('\\', ""))
-        .filter(|u| !u.is_empty())
-        .map(|u| {
-            u.parse::<async_nats::ServerAddr>()
-                .with_context(|| format!("--nats-urls: invalid URL `{u}`"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    anyhow::ensure!(!addrs.is_empty(), "--nats-urls: no URL given");
-    async_nats::ConnectOptions::new()
-        .name("argus-loadtest")
-        .connect(addrs)
-        .await
-        .with_context(|| format!("connecting to NATS at {urls}"))
+        .collect();
+    Ok(argus_schema::nats::connect(
+        auth,
+        &urls,
+        "argus-loadtest",
+        argus_schema::nats::Unreachable::Fail,
+    )
+    .await?)
 }
 
 /// Starts consumers on `stream` for `filters`; every message whose payload carries this

@@ -61,7 +61,7 @@ impl Harness {
         pid_prefix: &'static str,
     ) -> anyhow::Result<Harness> {
         let pg = collect::PgConn::connect(&common.database_url).await?;
-        let nats = collect::connect_nats(&common.nats_urls).await?;
+        let nats = collect::connect_nats(&common.nats_urls, &common.nats_auth.auth()?).await?;
         let pids = if common.bridge_pids.is_empty() {
             procstat::pids_from_dir(&common.pid_dir, pid_prefix)
         } else {

@@ -261,6 +261,14 @@ fn the_ca_key_stays_with_the_signer_and_each_bridge_has_only_its_own_keys() {
                 BTreeSet::from(["ca.crt", "server.crt", "server.key"]),
                 "emqx may mount only ca.crt and its own server certificate and key"
             ),
+            // Postgres serves TLS with the broker's server certificate (`--san postgres`).
+            "postgres" => assert_eq!(
+                pki,
+                BTreeSet::from(["server.crt", "server.key"]),
+                "postgres may mount only its server certificate and key"
+            ),
+            // Clients verify servers against the CA certificate, nothing more.
+            "migrate" => assert_eq!(pki, BTreeSet::from(["ca.crt"])),
             "crl-exporter" => assert_eq!(pki, BTreeSet::from(["metrics"])),
             bridge if bridge.starts_with("bridge-") => {
                 bridges += 1;
@@ -386,7 +394,9 @@ fn services_connect_as_their_roles_over_verified_tls_never_as_the_superuser() {
     // Which role each Postgres URL of each service must log in as (docs/schema.md, "Roles").
     let expected: &[(&str, &str, &str)] = &[
         ("migrate", "DATABASE_URL", "argus_owner"),
-        ("bridge", "DATABASE_URL", "argus_ingest"),
+        ("bridge-0", "DATABASE_URL", "argus_ingest"),
+        ("bridge-1", "DATABASE_URL", "argus_ingest"),
+        ("bridge-2", "DATABASE_URL", "argus_ingest"),
         ("ingest-http", "DATABASE_URL", "argus_ingest"),
         ("ingest-http", "ADMIN_DATABASE_URL", "argus_admin"),
     ];
@@ -744,4 +754,72 @@ async fn every_dashboard_and_alert_metric_is_exported_by_the_running_stack() {
             "{name} is exported as a summary, but the dashboard needs buckets"
         );
     }
+}
+
+/// The NATS users of `compose/nats/authorization.conf`: (user, password env var).
+fn nats_users() -> Vec<(String, String)> {
+    let conf = std::fs::read_to_string(repo().join("compose/nats/authorization.conf")).unwrap();
+    let mut users = Vec::new();
+    let mut user = None;
+    for line in conf.lines().map(str::trim) {
+        if let Some(u) = line.strip_prefix("user:") {
+            user = Some(u.trim().to_string());
+        } else if let (Some(var), Some(u)) = (line.strip_prefix("password: $"), user.take()) {
+            users.push((u, var.trim().to_string()));
+        }
+    }
+    assert!(users.len() >= 5, "{users:?}");
+    users
+}
+
+#[test]
+fn every_nats_client_logs_in_as_its_user_and_no_nats_password_has_a_default() {
+    let users = nats_users();
+    let secret = |var: &str| format!("${{{var}:?set {var} in compose/.env}}");
+    let mut clients = 0;
+    for (name, svc) in services() {
+        let env = &svc["environment"];
+        if name.starts_with("nats-") && name != "nats-exporter" {
+            // Each server has every user's password, as a secret without a default,
+            // and includes the one authorization file.
+            for (_, var) in &users {
+                assert_eq!(
+                    env[var.as_str()].as_str(),
+                    Some(secret(var).as_str()),
+                    "{name}: {var}"
+                );
+            }
+            assert!(
+                strings(&svc["volumes"])
+                    .iter()
+                    .any(|v| v.starts_with("./nats/authorization.conf:")),
+                "{name} mounts compose/nats/authorization.conf"
+            );
+            continue;
+        }
+        if env["NATS_URLS"].is_null() {
+            continue;
+        }
+        clients += 1;
+        let user = env["NATS_USER"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} connects to NATS without NATS_USER"));
+        let (_, var) = users
+            .iter()
+            .find(|(u, _)| u == user)
+            .unwrap_or_else(|| panic!("{name}: NATS user {user} is not in authorization.conf"));
+        assert_eq!(
+            env["NATS_PASSWORD"].as_str(),
+            Some(secret(var).as_str()),
+            "{name}: NATS_PASSWORD must be its user's secret, without a default"
+        );
+    }
+    assert!(
+        clients >= 3,
+        "migrate, bridge and ingest-http connect to NATS"
+    );
+    let conf = std::fs::read_to_string(repo().join("compose/nats/nats.conf")).unwrap();
+    assert!(conf
+        .lines()
+        .any(|l| l.trim() == "include ./authorization.conf"));
 }

@@ -40,7 +40,13 @@ async fn env() -> Env {
         argus_schema::seed::seed(&mut c).await.expect("seed");
     }
     let nats = NatsServer::start().await;
-    let nc = async_nats::connect(nats.url()).await.expect("nats");
+    let admin = nats.credentials("admin");
+    let nc = argus_schema::streams::connect(
+        &argus_schema::nats::NatsAuth::user_password(admin.user, admin.password),
+        &[nats.url()],
+    )
+    .await
+    .expect("nats");
     argus_schema::streams::apply(&nc, Some(1))
         .await
         .expect("streams apply");
@@ -69,6 +75,17 @@ fn loadtest(e: &Env, sub: &str) -> Command {
         .arg("--nats-urls")
         .arg(e.nats.url())
         .env_remove("ARGUS_LOADTEST_BRIDGE_PIDS");
+    // A run reads the streams as `loadtest`; `baseline` makes scratch streams as `admin`.
+    let user = if sub == "baseline" {
+        "admin"
+    } else {
+        "loadtest"
+    };
+    c.env_remove("NATS_PASSWORD")
+        .arg("--nats-user")
+        .arg(user)
+        .arg("--nats-password-file")
+        .arg(e.nats.password_file(user));
     c
 }
 

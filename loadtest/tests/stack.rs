@@ -26,8 +26,18 @@ fn loadtest(sub: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_argus-loadtest"));
     c.arg(sub).arg("--quiet");
     // The stack's pid files live at the repository root, one level above this crate.
-    let pids = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.stack/pids");
-    c.arg("--pid-dir").arg(pids);
+    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.stack");
+    c.arg("--pid-dir").arg(stack.join("pids"));
+    // As the load tester's own NATS user (`.stack/env` exports the operator's, admin);
+    // `baseline` makes scratch streams, which only admin may.
+    if sub != "baseline" {
+        c.env_remove("NATS_PASSWORD")
+            .env("NATS_USER", "loadtest")
+            .env(
+                "NATS_PASSWORD_FILE",
+                stack.join("secrets/nats-loadtest.password"),
+            );
+    }
     c
 }
 

@@ -5,7 +5,7 @@
 //! | block | flags | env |
 //! |---|---|---|
 //! | [`PgArgs`] | `--database-url`, `--pg-ca-file`, `--pg-pool-size` | `DATABASE_URL`, `PGSSLROOTCERT`, `<PREFIX>PG_POOL_SIZE` |
-//! | [`NatsArgs`] | `--nats-urls` | `NATS_URLS` |
+//! | [`NatsArgs`] | `--nats-urls`, `--nats-user`, `--nats-password-file` | `NATS_URLS`, `NATS_USER`, `NATS_PASSWORD_FILE` (or the password in `NATS_PASSWORD`) |
 //! | [`RedisArgs`] | `--redis-url` | `REDIS_URL` |
 //! | [`BatchArgs`] | `--batch-size`, `--batch-max-bytes`, `--batch-linger` | `<PREFIX>BATCH_SIZE`, `<PREFIX>BATCH_MAX_BYTES`, `<PREFIX>BATCH_LINGER` |
 //! | [`ShutdownArgs`] | `--shutdown-timeout` | `<PREFIX>SHUTDOWN_TIMEOUT` |
@@ -20,6 +20,7 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use argus_schema::nats::{NatsAuth, NatsAuthArgs};
 use clap::{Args, ValueEnum};
 
 /// An MQTT protocol version (`--mqtt-version` of the bridge and of the load
@@ -162,7 +163,7 @@ impl<E: FlagEnv> PgArgs<E> {
     }
 }
 
-/// NATS: the servers of the cluster.
+/// NATS: the servers of the cluster, and the user to log in as.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
     /// NATS servers, comma-separated (`nats://h1:4222,nats://h2:4222`).
@@ -174,9 +175,19 @@ pub struct NatsArgs {
         required = true
     )]
     pub nats_urls: Vec<String>,
+
+    #[command(flatten)]
+    pub auth: NatsAuthArgs,
 }
 
 impl NatsArgs {
+    /// The user and its password (`NATS_PASSWORD` or `--nats-password-file`).
+    pub fn auth(&self) -> Result<NatsAuth, ConfigError> {
+        self.auth
+            .auth()
+            .map_err(|e| ConfigError::new(e.flag, e.reason))
+    }
+
     /// The non-empty URLs, trimmed.
     pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
         let urls: Vec<String> = self

@@ -13,6 +13,7 @@
 //! - [`limits`]: the NATS server's `max_payload`, checked against each binary's payload limit at start-up and per reading.
 //! - [`metrics`]: every shared metric name, and the process's Prometheus recorder.
 //! - [`pg`]: the Postgres connection pool.
+//! - [`nats`]: the NATS connection: login as `--nats-user`, server errors counted, refusals the sink reads.
 //! - [`backoff`]: the one retry delay (exponential, capped, jittered).
 //! - [`flags`]: shared command-line flag blocks, `parse_duration`, `ConfigError`.
 //! - [`process`]: what every binary does at start and stop: logging, SIGTERM/SIGINT.
@@ -28,6 +29,7 @@ pub mod flags;
 pub mod limits;
 pub mod message_id;
 pub mod metrics;
+pub mod nats;
 pub mod pg;
 pub mod process;
 pub mod properties;

@@ -60,6 +60,19 @@ pub const BATCH_SPLITS_TOTAL: &str = "argus_sink_batch_splits_total";
 /// as `id_conflict`).
 pub const ID_CONFLICTS_TOTAL: &str = "argus_sink_id_conflicts_total";
 
+// ---- nats ------------------------------------------------------------------
+
+/// Counter: errors the NATS server reported on this process's connection, label
+/// `kind` = refused (a publish or subscription its permissions do not allow)|authorization
+/// (login refused)|slow_consumer.
+pub const NATS_SERVER_ERRORS_TOTAL: &str = "argus_nats_server_errors_total";
+/// Counter: JetStream publish attempts of the sink that failed while the server refused
+/// this user a publish (its permissions): retried at the longest delay, never acknowledged.
+pub const PUBLISH_REFUSED_TOTAL: &str = "argus_sink_publish_refused_total";
+
+/// The `kind` labels of [`NATS_SERVER_ERRORS_TOTAL`].
+pub const NATS_ERROR_KINDS: [&str; 3] = ["refused", "authorization", "slow_consumer"];
+
 // ---- dlq -------------------------------------------------------------------
 
 /// Counter: dead letters acknowledged by JetStream, label `reason`.
@@ -100,6 +113,18 @@ pub fn describe() {
     );
     describe_gauge!(SINK_QUEUED_MESSAGES, "Readings held by the sink.");
     describe_counter!(FLUSH_RETRIES_TOTAL, "Failed flush attempts, retried.");
+    describe_counter!(
+        NATS_SERVER_ERRORS_TOTAL,
+        "Errors the NATS server reported on this process's connection, by kind."
+    );
+    describe_counter!(
+        PUBLISH_REFUSED_TOTAL,
+        "JetStream publish attempts that failed while NATS refused this user a publish."
+    );
+    for kind in NATS_ERROR_KINDS {
+        counter!(NATS_SERVER_ERRORS_TOTAL, "kind" => kind).absolute(0);
+    }
+    counter!(PUBLISH_REFUSED_TOTAL).absolute(0);
     describe_counter!(
         STAGING_FALLBACKS_TOTAL,
         "Batches redone through the staging table after a unique violation."
@@ -227,6 +252,15 @@ pub fn durable_lag(d: Duration) {
 }
 
 /// `stage` is one of `postgres`, `jetstream`, `dlq`.
+/// One server error on a NATS connection, `kind` one of [`NATS_ERROR_KINDS`].
+pub fn nats_server_error(kind: &'static str) {
+    counter!(NATS_SERVER_ERRORS_TOTAL, "kind" => kind).increment(1);
+}
+
+pub fn publish_refused() {
+    counter!(PUBLISH_REFUSED_TOTAL).increment(1);
+}
+
 pub fn flush_retry(stage: &'static str) {
     counter!(FLUSH_RETRIES_TOTAL, "stage" => stage).increment(1);
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use argus_pipeline::dlq::{DeadLetter, DlqPublisher};
 use argus_pipeline::reading::{check, Limits, Reject};
+use argus_schema::nats::{NatsAuth, Unreachable};
 use argus_testkit::nats::NatsServer;
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -17,16 +18,32 @@ use uuid::Uuid;
 const DLQ_STREAM: &str = "TELEMETRY_DLQ";
 const DEVICE: Uuid = Uuid::from_u128(0x0d000000_0000_4000_8000_000000000001);
 
-async fn setup() -> (NatsServer, jetstream::Context) {
-    let nats = NatsServer::start().await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    argus_schema::streams::apply(&client, Some(1))
-        .await
-        .unwrap();
-    (nats, jetstream::new(client))
+/// A client logged in as `user`, as the process it stands for would.
+async fn client_as(nats: &NatsServer, user: &str) -> async_nats::Client {
+    let c = nats.credentials(user);
+    argus_pipeline::nats::connect(
+        NatsAuth::user_password(c.user, c.password),
+        &[nats.url()],
+        "dlq-test",
+        Unreachable::Retry,
+    )
+    .await
+    .unwrap()
 }
 
-async fn letters(js: &jetstream::Context) -> Vec<jetstream::message::StreamMessage> {
+/// A NATS server with the topology; JetStream as the bridge.
+async fn setup() -> (NatsServer, jetstream::Context) {
+    let nats = NatsServer::start().await;
+    argus_schema::streams::apply(&client_as(&nats, "admin").await, Some(1))
+        .await
+        .unwrap();
+    let js = jetstream::new(client_as(&nats, "bridge").await);
+    (nats, js)
+}
+
+/// The stored letters, read as `admin`.
+async fn letters(nats: &NatsServer) -> Vec<jetstream::message::StreamMessage> {
+    let js = jetstream::new(client_as(nats, "admin").await);
     let mut s = js.get_stream(DLQ_STREAM).await.unwrap();
     let state = s.info().await.unwrap().state.clone();
     let mut out = Vec::new();
@@ -56,7 +73,7 @@ fn rejected(topic: &str, payload: &'static [u8]) -> DeadLetter {
 
 #[tokio::test]
 async fn records_have_the_contract_shape() {
-    let (_nats, js) = setup().await;
+    let (nats, js) = setup().await;
     let dlq = DlqPublisher::new(js.clone());
     let topic = format!("devices/{DEVICE}/telemetry");
 
@@ -79,7 +96,7 @@ async fn records_have_the_contract_shape() {
     .await
     .unwrap();
 
-    let msgs = letters(&js).await;
+    let msgs = letters(&nats).await;
     assert_eq!(msgs.len(), 4);
     let subjects: Vec<&str> = msgs.iter().map(|m| m.subject.as_str()).collect();
     assert_eq!(
@@ -126,14 +143,14 @@ async fn records_have_the_contract_shape() {
 
 #[tokio::test]
 async fn a_redelivered_letter_is_recorded_once() {
-    let (_nats, js) = setup().await;
+    let (nats, js) = setup().await;
     let dlq = DlqPublisher::new(js.clone());
     let topic = format!("devices/{DEVICE}/telemetry");
     let letter = rejected(&topic, b"[1,2,3]");
     dlq.publish(letter.clone()).await.unwrap();
     dlq.publish(letter).await.unwrap();
     dlq.publish(rejected(&topic, b"[1,2,4]")).await.unwrap();
-    assert_eq!(letters(&js).await.len(), 2);
+    assert_eq!(letters(&nats).await.len(), 2);
 }
 
 #[tokio::test]
@@ -153,13 +170,9 @@ async fn an_unwritable_dlq_is_an_error() {
 
     // And a stream that does not exist (topology not applied) is an error too.
     nats.restart().await;
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(nats.url())
-        .await
-        .unwrap();
-    let js = jetstream::new(client);
-    js.delete_stream(DLQ_STREAM).await.unwrap();
+    let admin = jetstream::new(client_as(&nats, "admin").await);
+    admin.delete_stream(DLQ_STREAM).await.unwrap();
+    let js = jetstream::new(client_as(&nats, "bridge").await);
     let dlq = DlqPublisher::new(js).with_timeout(Duration::from_secs(2));
     assert!(dlq.publish(rejected(&topic, b"nope")).await.is_err());
 }
@@ -168,7 +181,7 @@ async fn an_unwritable_dlq_is_an_error() {
 async fn a_letter_past_max_payload_is_written_truncated() {
     // 180 KB of 0x01 is valid UTF-8 but not JSON; escaped to `\u0001` its whole record
     // is ~1.08 MB, over the server's 1 MiB max_payload: unwritable until truncated.
-    let (_nats, js) = setup().await;
+    let (nats, js) = setup().await;
     let dlq = DlqPublisher::new(js.clone());
     let payload = vec![0x01u8; 180_000];
     let topic = format!("devices/{DEVICE}/telemetry");
@@ -192,7 +205,7 @@ async fn a_letter_past_max_payload_is_written_truncated() {
         .expect("written, not retried")
         .expect("the truncated letter fits");
 
-    let msgs = letters(&js).await;
+    let msgs = letters(&nats).await;
     assert_eq!(msgs.len(), 1);
     assert!(msgs[0].payload.len() <= max_payload);
     let v: serde_json::Value = serde_json::from_slice(&msgs[0].payload).unwrap();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use argus_pipeline::envelope::Envelope;
 use argus_pipeline::reading::{check, Limits, Reading, Source};
 use argus_pipeline::sink::{Sink, SinkConfig, SinkHandle, Ticket};
+use argus_schema::nats::{NatsAuth, Unreachable};
 use argus_schema::seed::{DEMO_ORG_ID, SENSOR_IDS};
 use argus_testkit::nats::NatsServer;
 use argus_testkit::pg::{PgServer, TestDb};
@@ -46,17 +47,25 @@ async fn prepare_db(url: &str) {
     argus_schema::seed::seed(&mut client).await.unwrap();
 }
 
-async fn jetstream_for(nats: &NatsServer) -> (async_nats::Client, jetstream::Context) {
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(nats.url())
-        .await
-        .unwrap();
-    argus_schema::streams::apply(&client, Some(1))
-        .await
-        .unwrap();
-    let js = jetstream::new(client.clone());
-    (client, js)
+/// A client logged in as `user`, as the process it stands for would.
+async fn client_as(nats: &NatsServer, user: &str) -> async_nats::Client {
+    let c = nats.credentials(user);
+    argus_pipeline::nats::connect(
+        NatsAuth::user_password(c.user, c.password),
+        &[nats.url()],
+        "sink-test",
+        Unreachable::Retry,
+    )
+    .await
+    .unwrap()
+}
+
+/// The topology applied; JetStream as `admin` (the test's checks) and as `bridge` (the sink's).
+async fn jetstream_for(nats: &NatsServer) -> (jetstream::Context, jetstream::Context) {
+    let admin = client_as(nats, "admin").await;
+    argus_schema::streams::apply(&admin, Some(1)).await.unwrap();
+    let bridge = client_as(nats, "bridge").await;
+    (jetstream::new(admin), jetstream::new(bridge))
 }
 
 fn config() -> SinkConfig {
@@ -162,8 +171,8 @@ async fn batch_lands_once_in_postgres_and_jetstream() {
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
-    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+    let (js, bridge) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), bridge);
 
     let first = reading(
         SENSOR_IDS[0],
@@ -247,8 +256,8 @@ async fn redelivered_readings_are_stored_and_published_once() {
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
-    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+    let (js, bridge) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), bridge);
 
     let rs = readings(20, "dup");
     // Twice in the same batch (a broker redelivery while the first copy waits).
@@ -286,8 +295,8 @@ async fn a_reused_id_with_other_content_is_a_conflict_and_the_stored_row_stays()
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
-    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+    let (js, bridge) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), bridge);
 
     let first = with_id("m-1", 1);
     let d = sink
@@ -420,7 +429,7 @@ async fn a_timed_out_batch_is_split_and_every_part_lands() {
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
+    let (js, bridge) = jetstream_for(&nats).await;
     // The server's statement timeout (SQLSTATE 57014) refuses a batch of 40 rows
     // that each take 10 ms to insert (a trigger stands in for slow storage); halves
     // of 10 or fewer fit.
@@ -438,7 +447,7 @@ async fn a_timed_out_batch_is_split_and_every_part_lands() {
     let mut cfg = config();
     cfg.batch_size = 40;
     cfg.batch_linger = Duration::from_millis(200);
-    let (sink, task) = Sink::start(cfg, pool(&url), js.clone());
+    let (sink, task) = Sink::start(cfg, pool(&url), bridge);
 
     let rs = readings(40, "slow");
     let tickets = enqueue_each(&sink, &rs).await;
@@ -458,10 +467,10 @@ async fn a_unit_is_one_transaction() {
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
+    let (_admin, bridge) = jetstream_for(&nats).await;
     let mut cfg = config();
     cfg.batch_size = 2; // smaller than the unit: the unit is still not split
-    let (sink, task) = Sink::start(cfg, pool(db.url()), js.clone());
+    let (sink, task) = Sink::start(cfg, pool(db.url()), bridge);
 
     let unit = readings(7, "unit");
     let d = sink.enqueue(unit).await.unwrap().await.unwrap();
@@ -483,8 +492,8 @@ async fn unstorable_reading_goes_to_the_dlq_and_the_rest_is_stored() {
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
-    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+    let (js, bridge) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), bridge);
 
     let mut rs = readings(6, "poison");
     // Valid JSON that jsonb refuses. The bridge's checks refuse it before the sink
@@ -527,12 +536,12 @@ async fn an_envelope_jetstream_refuses_for_good_is_dead_lettered_and_the_rest_fl
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
+    let (js, bridge) = jetstream_for(&nats).await;
     let raw = js.get_stream(RAW_STREAM).await.unwrap();
     let mut stream_config = raw.cached_info().config.clone();
     stream_config.max_message_size = 4096;
     js.update_stream(stream_config).await.unwrap();
-    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+    let (sink, task) = Sink::start(config(), pool(db.url()), bridge);
 
     let mut rs = readings(6, "big");
     let pad = "x".repeat(5000);
@@ -589,8 +598,8 @@ async fn nats_outage_is_waited_out_and_everything_lands_once() {
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let mut nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
-    let (sink, task) = Sink::start(config(), pool(db.url()), js.clone());
+    let (js, bridge) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(db.url()), bridge);
 
     let rs = readings(60, "nats-outage");
     let before = trickle(&sink, &rs[..20], Duration::from_millis(2)).await;
@@ -625,8 +634,8 @@ async fn postgres_outage_is_waited_out_and_everything_lands_once() {
     let url = pg.create_database("argus").await;
     prepare_db(&url).await;
     let nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
-    let (sink, task) = Sink::start(config(), pool(&url), js.clone());
+    let (js, bridge) = jetstream_for(&nats).await;
+    let (sink, task) = Sink::start(config(), pool(&url), bridge);
 
     let rs = readings(60, "pg-outage");
     let before = trickle(&sink, &rs[..20], Duration::from_millis(2)).await;
@@ -660,10 +669,10 @@ async fn full_queue_pushes_back_and_close_flushes() {
     let db = TestDb::create().await;
     prepare_db(db.url()).await;
     let mut nats = NatsServer::start().await;
-    let (_client, js) = jetstream_for(&nats).await;
+    let (js, bridge) = jetstream_for(&nats).await;
     let mut cfg = config();
     cfg.queue_capacity = 10;
-    let (sink, task) = Sink::start(cfg, pool(db.url()), js.clone());
+    let (sink, task) = Sink::start(cfg, pool(db.url()), bridge);
 
     nats.stop().await;
     let rs = readings(11, "full");
@@ -693,4 +702,41 @@ async fn full_queue_pushes_back_and_close_flushes() {
         .unwrap();
     assert_eq!(row_count(db.url()).await, 11);
     assert_eq!(stream_messages(&js, RAW_STREAM).await.len(), 11);
+}
+
+/// A sink whose NATS user may not publish telemetry (here the load tester's): the
+/// server's refusal is told apart from a slow server, nothing is acknowledged, nothing
+/// reaches the stream, and the rows stay stored.
+#[tokio::test]
+async fn a_publish_the_user_may_not_make_is_reported_as_refused_and_nothing_is_acked() {
+    let db = TestDb::create().await;
+    prepare_db(db.url()).await;
+    let nats = NatsServer::start().await;
+    let (js, _bridge) = jetstream_for(&nats).await;
+    let not_allowed = jetstream::new(client_as(&nats, "loadtest").await);
+    let (sink, _task) = Sink::start(config(), pool(db.url()), not_allowed);
+
+    let rs = readings(3, "refused");
+    let tickets = trickle(&sink, &rs, Duration::from_millis(1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        match sink.last_error() {
+            Some(e) if e.contains("NATS refused the publish") => break e,
+            _ => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no refusal reported; last error: {:?}",
+                    sink.last_error()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(error.contains("permissions"), "{error}");
+    assert!(!sink.is_healthy());
+    assert!(argus_pipeline::nats::refusals() > 0);
+    assert_eq!(sink.queued(), 3, "nothing acknowledged");
+    assert_eq!(row_count(db.url()).await, 3, "the rows are stored");
+    assert!(stream_messages(&js, RAW_STREAM).await.is_empty());
+    drop(tickets);
 }

@@ -10,12 +10,15 @@
 //! - [`seed`]: idempotent demo data (one organization, devices, assets, links,
 //!   threshold rules) with fixed ids other crates and tests refer to.
 //! - [`streams`]: JetStream streams and consumers as code.
+//! - [`nats`]: the NATS connection every binary opens: user and password flags,
+//!   the user's inbox prefix, and a refused login as an error naming the user.
 //! - [`tls`]: TLS to Postgres for every Argus process (`sslmode` from the URL,
 //!   verify-full against a CA file, rustls).
 //! - [`connect`]: opens a Postgres connection and turns connection failures
 //!   into one line that names host, port and database, never the password.
 
 pub mod migrate;
+pub mod nats;
 pub mod roles;
 pub mod seed;
 pub mod streams;

@@ -25,6 +25,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use serde_json::{json, Value};
 
+use crate::nats::{NatsAuth, NatsAuthArgs, Unreachable};
+
 /// One stream of the plan's §3.2.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamSpec {
@@ -709,24 +711,10 @@ pub async fn verify_with(
     Ok(drifts)
 }
 
-/// Connects to NATS (several URLs of one cluster), failing fast if none answers.
-pub async fn connect(urls: &[String]) -> anyhow::Result<async_nats::Client> {
-    let addrs = urls
-        .iter()
-        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("--nats-urls: {e}"))?;
-    anyhow::ensure!(!addrs.is_empty(), "--nats-urls: no URL given");
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .retry_on_initial_connect()
-        .max_reconnects(Some(3))
-        .connect(addrs)
-        .await?;
-    // `retry_on_initial_connect` returns before connecting: wait for the handshake.
-    tokio::time::timeout(Duration::from_secs(15), client.flush())
-        .await
-        .map_err(|_| anyhow::anyhow!("cannot connect to NATS at {}", urls.join(",")))??;
+/// Connects to NATS (several URLs of one cluster) as `auth`, failing fast if none
+/// answers or the login is refused.
+pub async fn connect(auth: &NatsAuth, urls: &[String]) -> anyhow::Result<async_nats::Client> {
+    let client = crate::nats::connect(auth, urls, "argus-schema", Unreachable::Fail).await?;
     Ok(client)
 }
 
@@ -742,6 +730,9 @@ pub struct StreamsArgs {
         global = true
     )]
     pub nats_urls: Vec<String>,
+    /// The admin user (`compose/nats/authorization.conf`).
+    #[command(flatten)]
+    pub auth: NatsAuthArgs,
     #[command(subcommand)]
     pub command: StreamsCommand,
 }
@@ -786,7 +777,8 @@ pub async fn run_cli(args: StreamsArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let client = connect(&args.nats_urls).await?;
+    let auth = args.auth.auth()?;
+    let client = connect(&auth, &args.nats_urls).await?;
     match args.command {
         StreamsCommand::Apply { replicas } => match apply(&client, replicas).await {
             Ok(report) => {

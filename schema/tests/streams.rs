@@ -5,13 +5,15 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use argus_schema::streams::{self, Action, StreamsError, CONSUMERS, STREAMS};
-use argus_testkit::nats::{NatsCluster, NatsServer};
+use argus_testkit::nats::{NatsCluster, NatsCredentials, NatsServer};
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-async fn connect(urls: &[String]) -> async_nats::Client {
-    streams::connect(urls).await.expect("connect")
+/// Logged in as `admin`, as `argus-schema streams` is.
+async fn connect(admin: NatsCredentials, urls: &[String]) -> async_nats::Client {
+    let auth = argus_schema::nats::NatsAuth::user_password(admin.user, admin.password);
+    streams::connect(&auth, urls).await.expect("connect")
 }
 
 fn js(client: &async_nats::Client) -> jetstream::Context {
@@ -126,11 +128,13 @@ async fn api_ok(js: &jetstream::Context, subject: String, body: Value) {
     assert!(resp.get("error").is_none(), "{subject}: {resp}");
 }
 
-fn cli(args: &[&str], urls: &str) -> (bool, String) {
+fn cli(args: &[&str], nats: &NatsServer) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_argus-schema"))
         .arg("streams")
         .args(args)
-        .env("NATS_URLS", urls)
+        .env("NATS_URLS", nats.url())
+        .env("NATS_USER", "admin")
+        .env("NATS_PASSWORD", nats.credentials("admin").password)
         .output()
         .unwrap();
     (
@@ -146,7 +150,7 @@ fn cli(args: &[&str], urls: &str) -> (bool, String) {
 #[tokio::test]
 async fn single_server_apply_verify_flow_dedup_drift() {
     let nats = NatsServer::start().await;
-    let client = connect(&[nats.url()]).await;
+    let client = connect(nats.credentials("admin"), &[nats.url()]).await;
     let js = js(&client);
 
     assert_eq!(streams::detect_replicas(&client).await.unwrap(), 1);
@@ -243,7 +247,7 @@ async fn single_server_apply_verify_flow_dedup_drift() {
             ("TELEMETRY_DLQ", None, "max_bytes"),
         ]
     );
-    let (ok, out) = cli(&["verify"], &nats.url());
+    let (ok, out) = cli(&["verify"], &nats);
     assert!(!ok, "verify must fail on drift: {out}");
     assert!(
         out.contains("DRIFT stream TELEMETRY_DLQ: max_bytes is 1000000, wanted 1073741824"),
@@ -263,9 +267,9 @@ async fn single_server_apply_verify_flow_dedup_drift() {
             "stream TELEMETRY_DLQ: updated (max_bytes)",
         ]
     );
-    let (ok, out) = cli(&["verify"], &nats.url());
+    let (ok, out) = cli(&["verify"], &nats);
     assert!(ok, "{out}");
-    let (ok, out) = cli(&["apply"], &nats.url());
+    let (ok, out) = cli(&["apply"], &nats);
     assert!(ok && out.contains("Nothing changed"), "{out}");
 
     // Settings NATS cannot change in place: reported with stream/consumer and field.
@@ -305,7 +309,7 @@ async fn single_server_apply_verify_flow_dedup_drift() {
         }
         other => panic!("expected CannotChange, got {other:?}"),
     }
-    let (ok, out) = cli(&["apply"], &nats.url());
+    let (ok, out) = cli(&["apply"], &nats);
     assert!(!ok && out.contains("cannot change in place"), "{out}");
     assert_eq!(
         stream_config(&js, "EVENTS_V1").await["storage"],
@@ -317,7 +321,7 @@ async fn single_server_apply_verify_flow_dedup_drift() {
 #[tokio::test]
 async fn cluster_r3_survives_a_node_and_catches_up() {
     let mut cluster = NatsCluster::start(3).await;
-    let client = connect(&cluster.urls()).await;
+    let client = connect(cluster.credentials("admin"), &cluster.urls()).await;
     let js = js(&client);
 
     let report = streams::apply(&client, None).await.unwrap();
@@ -438,7 +442,7 @@ async fn cluster_r3_survives_a_node_and_catches_up() {
 #[tokio::test]
 async fn messages_prints_the_newest_with_their_ids() {
     let server = NatsServer::start().await;
-    let client = connect(&[server.url()]).await;
+    let client = connect(server.credentials("admin"), &[server.url()]).await;
     streams::apply(&client, None).await.expect("apply");
     let js = js(&client);
     for n in 0..3 {

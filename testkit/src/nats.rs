@@ -1,12 +1,81 @@
-//! NATS JetStream servers: one, or a real cluster, on free loopback ports.
+//! NATS JetStream servers: one, or a real cluster, on free loopback ports, with the
+//! users and permissions of `compose/nats/authorization.conf` (the file the local stack
+//! and production include) and passwords generated per server at run time.
+//! [`NatsServer::credentials`] gives a user's password to the test, which logs in as
+//! the process it stands for would (the bridge under test as `bridge`, a test's own
+//! checks of stream contents as `admin`).
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
 use crate::process::Server;
 use crate::{find_binary, free_port, http_get, wait_for_port, wait_for_port_closed};
+
+/// The one authorization definition (users, permissions, `$NATS_<USER>_PASSWORD`).
+const AUTHORIZATION: &str = include_str!("../../compose/nats/authorization.conf");
+
+/// A user's login. `Debug` omits the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsCredentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every user of [`AUTHORIZATION`] with the env var its password is read from and a
+/// password made now: `p` and 48 hex digits (nats-server parses an env value as a
+/// config value, so it must start with a letter).
+#[derive(Debug)]
+struct Users(Vec<(NatsCredentials, String)>);
+
+impl Users {
+    fn generate() -> Users {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let mut users = Vec::new();
+        let mut user: Option<String> = None;
+        for line in AUTHORIZATION.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix("user:") {
+                user = Some(name.trim().to_owned());
+            } else if let (Some(var), Some(name)) = (line.strip_prefix("password: $"), user.take())
+            {
+                let password: String = (0..24)
+                    .map(|_| format!("{:02x}", rng.random::<u8>()))
+                    .collect();
+                users.push((
+                    NatsCredentials {
+                        user: name,
+                        password: format!("p{password}"),
+                    },
+                    var.trim().to_owned(),
+                ));
+            }
+        }
+        assert!(
+            users.iter().any(|(c, _)| c.user == "admin"),
+            "compose/nats/authorization.conf: no users found"
+        );
+        Users(users)
+    }
+
+    fn get(&self, user: &str) -> NatsCredentials {
+        self.0
+            .iter()
+            .find(|(c, _)| c.user == user)
+            .map(|(c, _)| c.clone())
+            .unwrap_or_else(|| panic!("no NATS user {user:?} in compose/nats/authorization.conf"))
+    }
+}
 
 /// One `nats-server -js` with its own store directory. Killed on drop.
 ///
@@ -20,6 +89,7 @@ pub struct NatsServer {
     cluster: Option<ClusterPorts>,
     dir: TempDir,
     server: Option<Server>,
+    users: Arc<Users>,
 }
 
 #[derive(Debug, Clone)]
@@ -32,12 +102,12 @@ struct ClusterPorts {
 impl NatsServer {
     /// Starts a single JetStream server and waits until it is healthy.
     pub async fn start() -> NatsServer {
-        let mut server = NatsServer::new("nats-single".into(), None);
+        let mut server = NatsServer::new("nats-single".into(), None, Arc::new(Users::generate()));
         server.restart().await;
         server
     }
 
-    fn new(name: String, cluster: Option<ClusterPorts>) -> NatsServer {
+    fn new(name: String, cluster: Option<ClusterPorts>, users: Arc<Users>) -> NatsServer {
         NatsServer {
             name,
             port: free_port(),
@@ -48,7 +118,31 @@ impl NatsServer {
                 .tempdir()
                 .expect("tempdir"),
             server: None,
+            users,
         }
+    }
+
+    /// The login of `user` (a user of `compose/nats/authorization.conf`: `admin`,
+    /// `bridge`, `ingest-http`, `dlq`, `loadtest`, a worker group's).
+    pub fn credentials(&self, user: &str) -> NatsCredentials {
+        self.users.get(user)
+    }
+
+    /// A file (mode 0600, in the server's directory) holding `user`'s password, for a
+    /// binary's `--nats-password-file`.
+    pub fn password_file(&self, user: &str) -> std::path::PathBuf {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = self.dir.path().join(format!("{user}.password"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("write password file");
+        writeln!(f, "{}", self.credentials(user).password).expect("write password file");
+        path
     }
 
     /// The client URL, `nats://127.0.0.1:PORT`.
@@ -96,15 +190,20 @@ impl NatsServer {
         // small disk; an explicit limit (nothing is preallocated) keeps tests independent
         // of the disk.
         let config = self.dir.path().join("nats.conf");
+        std::fs::write(self.dir.path().join("authorization.conf"), AUTHORIZATION)
+            .expect("write authorization.conf");
         std::fs::write(
             &config,
             format!(
-                "jetstream {{\n  store_dir: \"{}\"\n  max_file_store: 64GB\n  max_memory_store: 4GB\n}}\n",
+                "jetstream {{\n  store_dir: \"{}\"\n  max_file_store: 64GB\n  max_memory_store: 4GB\n}}\ninclude ./authorization.conf\n",
                 store.display()
             ),
         )
         .expect("write nats.conf");
         let mut cmd = Command::new(find_binary("nats-server"));
+        for (c, var) in &self.users.0 {
+            cmd.env(var, &c.password);
+        }
         cmd.arg("-c")
             .arg(&config)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
@@ -183,6 +282,7 @@ impl NatsCluster {
         assert!(n >= 1);
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let cluster_name = format!("argus-test-{}", cluster_ports[0]);
+        let users = Arc::new(Users::generate());
         let mut nodes: Vec<NatsServer> = (0..n)
             .map(|i| {
                 NatsServer::new(
@@ -197,6 +297,7 @@ impl NatsCluster {
                             .map(|(_, p)| *p)
                             .collect(),
                     }),
+                    users.clone(),
                 )
             })
             .collect();
@@ -213,6 +314,16 @@ impl NatsCluster {
         for node in &self.nodes {
             node.wait_healthy(Duration::from_secs(30)).await;
         }
+    }
+
+    /// The login of `user`, the same on every node.
+    pub fn credentials(&self, user: &str) -> NatsCredentials {
+        self.nodes[0].credentials(user)
+    }
+
+    /// See [`NatsServer::password_file`].
+    pub fn password_file(&self, user: &str) -> std::path::PathBuf {
+        self.nodes[0].password_file(user)
     }
 
     pub fn urls(&self) -> Vec<String> {

@@ -199,6 +199,8 @@ pub struct Config {
     pub database_url: String,
     pub pg_pool_size: usize,
     pub nats_urls: Vec<String>,
+    /// `--nats-user` and its password.
+    pub nats_auth: argus_schema::nats::NatsAuth,
     pub redis_url: Option<String>,
     pub batch_size: usize,
     pub batch_linger: Duration,
@@ -301,6 +303,7 @@ impl Cli {
             parse_duration(&self.reconnect_max).map_err(|r| invalid("reconnect-max", r))?;
         self.pg.validate()?;
         let nats_urls = self.nats.validate()?;
+        let nats_auth = self.nats.auth()?;
         let (limits, property_limits) = self.admit.validate()?;
         let batching = self
             .batch
@@ -345,6 +348,7 @@ impl Cli {
             database_url: self.pg.url()?,
             pg_pool_size: self.pg.pg_pool_size,
             nats_urls,
+            nats_auth,
             redis_url: self.redis.url(),
             batch_size: batching.size,
             batch_linger: batching.linger,

@@ -138,11 +138,13 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 
 async fn jetstream(nats: &NatsArgs) -> anyhow::Result<async_nats::jetstream::Context> {
     let urls = nats.validate()?;
-    let client = async_nats::ConnectOptions::new()
-        .name("argus-dlq")
-        .connect(urls)
-        .await
-        .context("connecting to NATS (--nats-urls)")?;
+    let client = argus_pipeline::nats::connect(
+        nats.auth()?,
+        &urls,
+        "argus-dlq",
+        argus_schema::nats::Unreachable::Fail,
+    )
+    .await?;
     Ok(async_nats::jetstream::new(client))
 }
 

@@ -173,6 +173,19 @@ pub struct Stack {
     pub redis: RedisServer,
 }
 
+/// A NATS client logged in as `user` (`compose/nats/authorization.conf`).
+pub async fn nats_client(nats: &NatsServer, user: &str) -> async_nats::Client {
+    let c = nats.credentials(user);
+    argus_schema::nats::connect(
+        &argus_schema::nats::NatsAuth::user_password(c.user, c.password),
+        &[nats.url()],
+        "bridge-test",
+        argus_schema::nats::Unreachable::Fail,
+    )
+    .await
+    .expect("nats")
+}
+
 impl Stack {
     /// `private_pg`: a Postgres cluster of its own (for tests that stop it).
     pub async fn start(private_pg: bool) -> Stack {
@@ -192,8 +205,7 @@ impl Stack {
             .await
             .expect("migrate");
         argus_schema::seed::seed(&mut client).await.expect("seed");
-        let nc = async_nats::connect(nats.url()).await.expect("nats");
-        argus_schema::streams::apply(&nc, Some(1))
+        argus_schema::streams::apply(&nats_client(&nats, "admin").await, Some(1))
             .await
             .expect("streams");
         Stack {
@@ -229,6 +241,10 @@ impl Stack {
             self.pg.service_url(),
             "--nats-urls".into(),
             self.nats.url(),
+            "--nats-user".into(),
+            "bridge".into(),
+            "--nats-password-file".into(),
+            self.nats.password_file("bridge").display().to_string(),
             "--redis-url".into(),
             self.redis.url(),
             "--batch-size".into(),
@@ -308,8 +324,9 @@ impl Stack {
         argus_testkit::pg::connect(&self.pg.url()).await
     }
 
+    /// JetStream as `admin`, for a test's checks of stream contents.
     pub async fn js(&self) -> jetstream::Context {
-        jetstream::new(async_nats::connect(self.nats.url()).await.expect("nats"))
+        jetstream::new(nats_client(&self.nats, "admin").await)
     }
 
     /// An MQTT 5 device.

@@ -57,8 +57,9 @@ pub async fn prepare_database(url: &str) {
 /// The sidecar's configuration for a migrated database at `db_url`: it connects as the
 /// service roles, as in production (`argus_ingest` for devices and the sink,
 /// `argus_admin` for the admin routes), never as the superuser in `db_url`.
-pub fn config(db_url: &str, nats_url: &str, redis_url: &str, limits: Limits) -> Config {
+pub fn config(db_url: &str, nats: &NatsServer, redis_url: &str, limits: Limits) -> Config {
     use argus_testkit::pg::with_user;
+    let c = nats.credentials("ingest-http");
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
@@ -68,7 +69,8 @@ pub fn config(db_url: &str, nats_url: &str, redis_url: &str, limits: Limits) -> 
         admin_database_url: with_user(db_url, argus_schema::roles::ADMIN),
         pg_pool_size: 4,
         sink_pg_pool_size: 4,
-        nats_urls: vec![nats_url.to_string()],
+        nats_urls: vec![nats.url()],
+        nats_auth: argus_schema::nats::NatsAuth::user_password(c.user, c.password),
         redis_url: Some(redis_url.to_string()),
         admin_token: AdminToken::new(ADMIN_TOKEN),
         pki_dir: None,
@@ -197,8 +199,8 @@ impl Stack {
             RedisServer::start()
         );
         prepare_database(db.url()).await;
-        apply_streams(&nats.url()).await;
-        let app = App::start(config(db.url(), &nats.url(), &redis.url(), limits)).await;
+        apply_streams(&nats).await;
+        let app = App::start(config(db.url(), &nats, &redis.url(), limits)).await;
         Stack {
             db,
             nats,
@@ -213,7 +215,7 @@ impl Stack {
     pub async fn second_app(&self) -> App {
         App::start(config(
             self.db.url(),
-            &self.nats.url(),
+            &self.nats,
             &self.redis.url(),
             test_limits(),
         ))
@@ -225,8 +227,21 @@ impl Stack {
     }
 }
 
-pub async fn apply_streams(nats_url: &str) {
-    let client = async_nats::connect(nats_url).await.expect("nats connect");
+/// A NATS client logged in as `user` (`compose/nats/authorization.conf`).
+pub async fn nats_client(nats: &NatsServer, user: &str) -> async_nats::Client {
+    let c = nats.credentials(user);
+    argus_schema::nats::connect(
+        &argus_schema::nats::NatsAuth::user_password(c.user, c.password),
+        &[nats.url()],
+        "ingest-http-test",
+        argus_schema::nats::Unreachable::Fail,
+    )
+    .await
+    .expect("nats connect")
+}
+
+pub async fn apply_streams(nats: &NatsServer) {
+    let client = nats_client(nats, "admin").await;
     argus_schema::streams::apply(&client, Some(1))
         .await
         .expect("apply streams");
@@ -239,22 +254,22 @@ pub async fn row_count(pg: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
-pub async fn stream_count(nats_url: &str) -> u64 {
-    let client = async_nats::connect(nats_url).await.unwrap();
+pub async fn stream_count(nats: &NatsServer) -> u64 {
+    let client = nats_client(nats, "admin").await;
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(RAW_STREAM).await.unwrap();
     stream.info().await.unwrap().state.messages
 }
 
 /// The last message on `telemetry.raw.v1.<device>`: (Nats-Msg-Id, envelope).
-pub async fn last_stream_message(nats_url: &str, device: Uuid) -> (String, Value) {
-    let (id, bytes) = last_stream_bytes(nats_url, device).await;
+pub async fn last_stream_message(nats: &NatsServer, device: Uuid) -> (String, Value) {
+    let (id, bytes) = last_stream_bytes(nats, device).await;
     (id, serde_json::from_slice(&bytes).unwrap())
 }
 
 /// [`last_stream_message`] with the envelope's bytes as published.
-pub async fn last_stream_bytes(nats_url: &str, device: Uuid) -> (String, Vec<u8>) {
-    let client = async_nats::connect(nats_url).await.unwrap();
+pub async fn last_stream_bytes(nats: &NatsServer, device: Uuid) -> (String, Vec<u8>) {
+    let client = nats_client(nats, "admin").await;
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(RAW_STREAM).await.unwrap();
     let msg = stream

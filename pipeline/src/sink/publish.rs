@@ -239,6 +239,18 @@ pub(super) async fn publish_batch(
                 pending.clear();
                 health.ok(Stage::JetStream);
             }
+            Some(e @ FlushError::PublishRefused) => {
+                // Not transient: nothing passes until the server's permissions change.
+                // Nothing is acknowledged either (the rows are stored, the source keeps
+                // the messages), so retry at the longest delay, loudly.
+                metrics::publish_refused();
+                let delay = config.retry_max;
+                tracing::error!(failed = attempt.retry.len(), error = %e, retry_in = ?delay,
+                    "NATS refused the sink's publish; fix the user's permissions. Nothing is acknowledged meanwhile.");
+                health.failed(Stage::JetStream, e.to_string());
+                pending = attempt.retry;
+                tokio::time::sleep(delay).await;
+            }
             Some(e) => {
                 metrics::flush_retry("jetstream");
                 let delay = backoff.next_delay();
@@ -361,6 +373,8 @@ async fn publish_attempt<'a, 'b>(
         permanent: Vec::new(),
         error: None,
     };
+    // A refused publish shows only as a server error event and a missing ack.
+    let refusals_before = crate::nats::refusals();
     let attempt = async {
         let mut acks = Vec::with_capacity(pending.len());
         let mut failed = Vec::new();
@@ -403,6 +417,9 @@ async fn publish_attempt<'a, 'b>(
             result.retry = pending.to_vec();
             result.error = Some(FlushError::PublishTimeout(config.publish_timeout));
         }
+    }
+    if result.error.is_some() && crate::nats::refusals() > refusals_before {
+        result.error = Some(FlushError::PublishRefused);
     }
     result
 }

@@ -52,6 +52,11 @@ pub enum FlushError {
     Publish(#[from] jetstream::context::PublishError),
     #[error("jetstream attempt timed out after {0:?}")]
     PublishTimeout(Duration),
+    /// The attempt failed while the NATS server refused this user a publish (its
+    /// permissions, `compose/nats/authorization.conf`): no retry passes until the
+    /// permissions change.
+    #[error("NATS refused the publish: this user's permissions do not allow it (the server's error is logged)")]
+    PublishRefused,
 }
 
 impl FlushError {
