@@ -1,9 +1,10 @@
 //! Revocation cuts a live device off: a device connected over mutual TLS and
-//! publishing is revoked (`argus_pki::Ca::revoke_device`, what the sidecar's
-//! `DELETE /api/v1/devices/{id}/certificate` and `argus-pki revoke` run, then the
-//! broker reload they trigger). The broker's plugin (`compose/mosquitto/argus_sub_acl.c`)
-//! closes its connection within 2 s, the reloaded CRL refuses its reconnects, and
-//! what it sent before the revocation is stored.
+//! publishing is revoked through the sidecar's admin API
+//! (`DELETE /api/v1/devices/{id}/certificate` on its admin listener, the sidecar running
+//! in process on the test's PKI directory, with the broker's pid file so that it reloads
+//! the broker, as in `compose/up`). The broker's plugin
+//! (`compose/mosquitto/argus_sub_acl.c`) closes its connection within 2 s, the reloaded
+//! CRL refuses its reconnects, and what it sent before the revocation is stored.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,7 +12,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use argus_pki::{Ca, RevocationReason};
+use argus_ingest_http::{serve, AppState, Cli, DeviceListener, Listeners};
+use clap::Parser as _;
 use common::*;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
 
@@ -71,13 +73,25 @@ async fn a_revoked_device_is_disconnected_and_cannot_come_back() {
     assert_eq!(seen.lock().unwrap().connacks.len(), 1);
     assert!(seen.lock().unwrap().errors.is_empty());
 
+    let sidecar = Sidecar::start(&stack).await;
     let revoked_at = Instant::now();
-    let serials = Ca::load(stack.pki.dir.path())
-        .unwrap()
-        .revoke_device(device, RevocationReason::KeyCompromise)
+    let answer = reqwest::Client::new()
+        .delete(format!(
+            "{}/api/v1/devices/{device}/certificate",
+            sidecar.admin
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"reason": "keyCompromise"}))
+        .send()
+        .await
         .unwrap();
-    assert_eq!(serials.len(), 1);
-    stack.mq.reload();
+    assert_eq!(answer.status(), 200);
+    let answer: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(
+        answer["revokedSerialNumbers"].as_array().map(Vec::len),
+        Some(1),
+        "{answer}"
+    );
 
     wait_for(
         "the broker to close the connection",
@@ -110,4 +124,64 @@ async fn a_revoked_device_is_disconnected_and_cannot_come_back() {
         "{}",
         stack.mq.log_tail()
     );
+}
+
+const ADMIN_TOKEN: &str = "revocation-test-admin-token";
+
+/// The HTTP sidecar in process, configured from flags as the binary is: admin listener
+/// on a free port, the test's PKI directory, the broker's pid in a file.
+struct Sidecar {
+    admin: String,
+    _pid_file: tempfile::NamedTempFile,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Sidecar {
+    async fn start(stack: &Stack) -> Sidecar {
+        let pid_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(pid_file.path(), stack.mq.pid().unwrap().to_string()).unwrap();
+        let nats_password_file = stack.nats.password_file("ingest-http");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let device = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let database_url = stack.pg.service_url();
+        let admin_database_url =
+            argus_testkit::pg::with_user(&stack.pg.url(), argus_schema::roles::ADMIN);
+        let config = Cli::try_parse_from([
+            "argus-ingest-http",
+            "--database-url",
+            &database_url,
+            "--admin-database-url",
+            &admin_database_url,
+            "--nats-urls",
+            &stack.nats.url(),
+            "--nats-user",
+            "ingest-http",
+            "--nats-password-file",
+            &nats_password_file.display().to_string(),
+            "--admin-token",
+            ADMIN_TOKEN,
+            "--pki-dir",
+            &stack.pki.dir.path().display().to_string(),
+            "--broker-pid-file",
+            &pid_file.path().display().to_string(),
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let state = AppState::connect(config).await.expect("sidecar start");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let listeners = Listeners {
+            device: DeviceListener::Plain(device),
+            admin,
+        };
+        tokio::spawn(serve(listeners, state, async {
+            let _ = stopped.await;
+        }));
+        Sidecar {
+            admin: admin_url,
+            _pid_file: pid_file,
+            _stop: stop,
+        }
+    }
 }

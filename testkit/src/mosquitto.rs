@@ -90,6 +90,11 @@ impl Mosquitto {
         wait_for_port_closed(self.port, Duration::from_secs(10)).await;
     }
 
+    /// The broker's process id while it runs (what a pid file holds).
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().and_then(Server::pid)
+    }
+
     /// SIGHUP: Mosquitto re-reads its configuration, ACL and CRL.
     pub fn reload(&self) {
         if let Some(server) = &self.server {
