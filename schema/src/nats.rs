@@ -320,6 +320,11 @@ mod tests {
     }
 
     fn cli(args: &[&str]) -> NatsAuthArgs {
+        // The flags have env twins, and `compose/test` runs the tests with `.stack/env`
+        // exported (an operator's NATS login): only the arguments count here.
+        for var in ["NATS_USER", "NATS_PASSWORD", "NATS_PASSWORD_FILE"] {
+            std::env::remove_var(var);
+        }
         Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
             .expect("clap")
             .auth
