@@ -141,23 +141,7 @@ impl Sidecar {
         let pid_file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(pid_file.path(), stack.mq.pid().unwrap().to_string()).unwrap();
         let nats_password_file = stack.nats.password_file("ingest-http");
-        // Flags have env twins, and `compose/test` exports `.stack/env` (an operator's
-        // NATS_PASSWORD, ARGUS_* ...): only the flags below may configure this sidecar.
-        for (var, _) in std::env::vars() {
-            if [
-                "ARGUS_",
-                "NATS_",
-                "PG",
-                "ADMIN_DATABASE_URL",
-                "DATABASE_URL",
-                "REDIS_URL",
-            ]
-            .iter()
-            .any(|p| var.starts_with(p))
-            {
-                std::env::remove_var(var);
-            }
-        }
+        argus_testkit::clear_flag_env();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let device = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin.local_addr().unwrap());

@@ -539,23 +539,7 @@ mod tests {
     const TOKEN: &str = "0123456789abcdef-secret";
 
     fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
-        // Every flag has an env twin, and `compose/test` runs the tests with `.stack/env`
-        // exported (ARGUS_PKI_DIR, NATS_USER, ...): only the arguments count here.
-        for (var, _) in std::env::vars() {
-            if [
-                "ARGUS_",
-                "NATS_",
-                "PG",
-                "ADMIN_DATABASE_URL",
-                "REDIS_URL",
-                "DATABASE_URL",
-            ]
-            .iter()
-            .any(|p| var.starts_with(p))
-            {
-                std::env::remove_var(var);
-            }
-        }
+        argus_testkit::clear_flag_env();
         let mut args = vec![
             "argus-ingest-http",
             "--database-url",

@@ -102,6 +102,26 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Removes from this process's environment every variable an Argus flag reads as its
+/// env twin (`ARGUS_*`, `NATS_*`, `PG*`, the database and Redis URLs). `compose/test`
+/// runs the tests with `.stack/env` exported (an operator's NATS login, `ARGUS_PKI_DIR`,
+/// ...); a test that parses flags calls this first, so only its own arguments count.
+pub fn clear_flag_env() {
+    const PREFIXES: [&str; 6] = [
+        "ARGUS_",
+        "NATS_",
+        "PG",
+        "ADMIN_DATABASE_URL",
+        "DATABASE_URL",
+        "REDIS_URL",
+    ];
+    for (var, _) in std::env::vars() {
+        if PREFIXES.iter().any(|p| var.starts_with(p)) {
+            std::env::remove_var(var);
+        }
+    }
+}
+
 /// True when this process runs as root (servers that refuse root are started as their user).
 pub fn running_as_root() -> bool {
     std::process::Command::new("id")
