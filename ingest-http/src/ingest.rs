@@ -19,9 +19,12 @@
 //!    and acknowledged by JetStream (bounded by the durability timeout); sink failure or
 //!    timeout → 503; the sink's verdict per reading ([`crate::outcome`]) → 200 (with
 //!    `duplicate` flags), 409 `id_conflict` or 422 `unstorable`.
+//!
+//! A request refused in steps 1–4 has its body read and discarded ([`drain`]), so its
+//! keep-alive connection stays usable.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -31,7 +34,8 @@ use chrono::Utc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::authenticate;
+use crate::admission::Slot;
+use crate::auth::{authenticate, Caller};
 use crate::error::ApiError;
 use crate::metrics::{reject, Rejection};
 use crate::openapi::{ErrorBody, IngestBody};
@@ -80,6 +84,33 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// How long a refused request's body is read before its connection closes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads and discards the body of a request refused before its body was read: up to
+/// `limit` bytes, for at most [`DRAIN_TIMEOUT`], and nothing if it declares more.
+/// With the body unread, hyper closes the connection after the answer without a
+/// `Connection: close`, and a client that reuses it loses its next request (Python's
+/// requests with 200 kB bodies and a bad key: every other one). Read, the connection
+/// stays usable.
+async fn drain(headers: &HeaderMap, body: Body, limit: usize) {
+    use futures::StreamExt;
+    if content_length(headers).is_some_and(|n| n > limit as u64) {
+        return;
+    }
+    let mut chunks = body.into_data_stream();
+    let read = async {
+        let mut read = 0;
+        while let Some(Ok(chunk)) = chunks.next().await {
+            read += chunk.len();
+            if read > limit {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, read).await;
 }
 
 /// Reads at most `limit` bytes, holding them in the in-flight byte budget: the
@@ -155,57 +186,20 @@ async fn read_body(
     )
 )]
 pub async fn ingest(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let _slot = state.admission().try_request()?;
     let peer: Option<IpAddr> = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
-    let caller = authenticate(&state, &headers, peer).await?;
-    state.usage().touch(caller.key_id);
-
-    if let Err(wait) = state.limiter().check(caller.device_id) {
-        return Err(reject(
-            Rejection::RateLimited,
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "Too many requests for this device; slow down.",
-            )
-            .with_retry_after(retry_after_secs(wait)),
-        ));
-    }
-
-    if !is_json(&headers) {
-        return Err(reject(
-            Rejection::UnsupportedMediaType,
-            ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "Content-Type must be application/json.",
-            ),
-        ));
-    }
-
-    let limits = state.limits();
-    let idempotency_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
-        None => None,
-        Some(v) => {
-            let key = v.to_str().ok().map(str::trim).unwrap_or("");
-            if let Err(problem) = check_supplied_id(key) {
-                return Err(reject(
-                    Rejection::InvalidBody,
-                    ApiError::bad_request(
-                        "invalid_header",
-                        format!("Idempotency-Key header: {problem}"),
-                    ),
-                ));
-            }
-            Some(key.to_owned())
+    let (_slot, caller, idempotency_key) = match admit(&state, &headers, peer).await {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            drain(&headers, body, state.limits().body_limit).await;
+            return Err(e);
         }
     };
-
+    let limits = state.limits();
     let (bytes, _held) = read_body(&state, &headers, body, limits.body_limit).await?;
     let received_at = Utc::now();
     let (shape, parsed) = request::parse_body(&bytes, limits.max_batch_readings).map_err(|e| {
@@ -248,4 +242,56 @@ pub async fn ingest(State(state): State<AppState>, request: Request) -> Result<R
             Err(reject(Rejection::Unavailable, ApiError::unavailable()))
         }
     }
+}
+
+/// Steps 1–4: what is decided before the body is read.
+async fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Result<(Slot, Caller, Option<String>), ApiError> {
+    let slot = state.admission().try_request()?;
+    let caller = authenticate(state, headers, peer).await?;
+    state.usage().touch(caller.key_id);
+
+    if let Err(wait) = state.limiter().check(caller.device_id) {
+        return Err(reject(
+            Rejection::RateLimited,
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests for this device; slow down.",
+            )
+            .with_retry_after(retry_after_secs(wait)),
+        ));
+    }
+
+    if !is_json(headers) {
+        return Err(reject(
+            Rejection::UnsupportedMediaType,
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Content-Type must be application/json.",
+            ),
+        ));
+    }
+
+    let idempotency_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(v) => {
+            let key = v.to_str().ok().map(str::trim).unwrap_or("");
+            if let Err(problem) = check_supplied_id(key) {
+                return Err(reject(
+                    Rejection::InvalidBody,
+                    ApiError::bad_request(
+                        "invalid_header",
+                        format!("Idempotency-Key header: {problem}"),
+                    ),
+                ));
+            }
+            Some(key.to_owned())
+        }
+    };
+    Ok((slot, caller, idempotency_key))
 }

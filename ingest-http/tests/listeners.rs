@@ -11,9 +11,11 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argus_ingest_http::tls::CertReloader;
+use argus_ingest_http::Limits;
 use argus_testkit::nats::NatsServer;
 use common::*;
 use reqwest::StatusCode;
@@ -84,6 +86,112 @@ async fn curl_with_the_ca_reaches_the_tls_listener_and_plain_http_fails() {
     assert!(!ok, "plain HTTP to the TLS listener answered: {out}");
     let plain = reqwest::get(format!("{plain}/health")).await;
     assert!(plain.is_err(), "{plain:?}");
+    app.stop().await;
+}
+
+/// Over TLS to `addr`, trusting `ca`, on one connection: each request written whole,
+/// then its answer read whole; the answers' status lines, or how the connection failed.
+async fn on_one_connection(addr: &str, ca: &Path, requests: &[Vec<u8>]) -> Vec<String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut stream = BufReader::new(stream);
+    let mut answers = Vec::new();
+    for request in requests {
+        if let Err(e) = stream.get_mut().write_all(request).await {
+            answers.push(format!("write: {:?}", e.kind()));
+            break;
+        }
+        let (mut status, mut length) = (String::new(), 0usize);
+        loop {
+            let mut line = String::new();
+            match stream.read_line(&mut line).await {
+                Ok(0) => {
+                    status = "closed".into();
+                    break;
+                }
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => {
+                    if status.is_empty() {
+                        status = line.trim_end().to_owned();
+                    } else if let Some(v) =
+                        line.to_ascii_lowercase().strip_prefix("content-length:")
+                    {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                Err(e) => {
+                    status = format!("read: {:?}", e.kind());
+                    break;
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        let _ = stream.read_exact(&mut body).await;
+        let failed = !status.starts_with("HTTP/");
+        answers.push(status);
+        if failed {
+            break;
+        }
+    }
+    answers
+}
+
+// A request refused before its body is read (here: an unknown key) leaves its
+// connection usable: the sidecar reads and discards the body. Unread, the body made the
+// server close the connection after the 403 without saying so, and a client reusing it
+// (Python's requests, schemathesis) lost every other request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_with_a_large_body_leaves_its_connection_usable() {
+    let s = Stack::start().await;
+    let pki = tempfile::tempdir().unwrap();
+    argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
+    let reloader =
+        CertReloader::load(pki.path().join("server.crt"), pki.path().join("server.key")).unwrap();
+    let limits = Limits {
+        body_limit: 1024 * 1024,
+        ..test_limits()
+    };
+    let mut app = App::start_tls(
+        config(s.db.url(), &s.nats, &s.redis.url(), limits),
+        &reloader,
+    )
+    .await;
+    let ca = pki.path().join("ca.crt");
+    let addr = app.base.trim_start_matches("https://").to_owned();
+    let body = format!("{{\"a\":\"{}\"}}", "x".repeat(200_000));
+    let requests: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let head = format!(
+                "POST /api/v1/telemetry/ingest HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: argus_unknown{i}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            [head.as_bytes(), body.as_bytes()].concat()
+        })
+        .collect();
+    let answers = on_one_connection(&addr, &ca, &requests).await;
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(
+        answers.iter().all(|a| a.starts_with("HTTP/1.1 403")),
+        "every refusal answered: {answers:?}"
+    );
     app.stop().await;
 }
 
