@@ -104,6 +104,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let sink_config = SinkConfig {
         batch_size: config.batch_size,
         batch_linger: config.batch_linger,
+        linger_mode: config.batch_linger_mode,
         batch_max_bytes: config.batch_max_bytes,
         // Every connection can have a full broker window admitted at once.
         queue_capacity: (config.mqtt.max_inflight * config.mqtt.connections as usize)

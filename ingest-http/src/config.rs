@@ -35,6 +35,7 @@ impl FlagEnv for HttpEnv {
     // Short: a request waits for its batch (MQTT's bridge lingers longer).
     const BATCH_LINGER: &'static str = "ARGUS_HTTP_BATCH_LINGER";
     const BATCH_LINGER_DEFAULT: &'static str = "5ms";
+    const BATCH_LINGER_MODE: &'static str = "ARGUS_HTTP_BATCH_LINGER_MODE";
     const BATCH_MAX_BYTES: &'static str = "ARGUS_HTTP_BATCH_MAX_BYTES";
     const BATCH_MAX_BYTES_DEFAULT: &'static str = "8388608";
     const SHUTDOWN_TIMEOUT: &'static str = "ARGUS_HTTP_SHUTDOWN_TIMEOUT";
@@ -270,6 +271,7 @@ pub struct Config {
     pub limits: Limits,
     pub batch_size: usize,
     pub batch_linger: Duration,
+    pub batch_linger_mode: argus_pipeline::sink::LingerMode,
     pub batch_max_bytes: usize,
     pub shutdown_timeout: Duration,
     pub log_json: bool,
@@ -285,6 +287,7 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("batch_size", &self.batch_size)
             .field("batch_linger", &self.batch_linger)
+            .field("batch_linger_mode", &self.batch_linger_mode)
             .finish_non_exhaustive()
     }
 }
@@ -525,6 +528,7 @@ impl Cli {
             },
             batch_size: batching.size,
             batch_linger: batching.linger,
+            batch_linger_mode: batching.linger_mode,
             batch_max_bytes: batching.max_bytes,
             shutdown_timeout,
             log_json: self.log_json,

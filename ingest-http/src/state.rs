@@ -114,6 +114,7 @@ impl AppState {
             SinkConfig {
                 batch_size: config.batch_size,
                 batch_linger: config.batch_linger,
+                linger_mode: config.batch_linger_mode,
                 batch_max_bytes: config.batch_max_bytes,
                 ..SinkConfig::default()
             },

@@ -7,7 +7,7 @@
 //! | [`PgArgs`] | `--database-url`, `--pg-ca-file`, `--pg-pool-size` | `DATABASE_URL`, `PGSSLROOTCERT`, `<PREFIX>PG_POOL_SIZE` |
 //! | [`NatsArgs`] | `--nats-urls`, `--nats-user`, `--nats-password-file` | `NATS_URLS`, `NATS_USER`, `NATS_PASSWORD_FILE` (or the password in `NATS_PASSWORD`) |
 //! | [`RedisArgs`] | `--redis-url` | `REDIS_URL` |
-//! | [`BatchArgs`] | `--batch-size`, `--batch-max-bytes`, `--batch-linger` | `<PREFIX>BATCH_SIZE`, `<PREFIX>BATCH_MAX_BYTES`, `<PREFIX>BATCH_LINGER` |
+//! | [`BatchArgs`] | `--batch-size`, `--batch-max-bytes`, `--batch-linger`, `--batch-linger-mode` | `<PREFIX>BATCH_SIZE`, `<PREFIX>BATCH_MAX_BYTES`, `<PREFIX>BATCH_LINGER`, `<PREFIX>BATCH_LINGER_MODE` |
 //! | [`ShutdownArgs`] | `--shutdown-timeout` | `<PREFIX>SHUTDOWN_TIMEOUT` |
 //!
 //! Connection URLs have the same env name in every binary (one `.env` serves them
@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use argus_schema::nats::{NatsAuth, NatsAuthArgs};
 use clap::{Args, ValueEnum};
+
+use crate::sink::LingerMode;
 
 /// An MQTT protocol version (`--mqtt-version` of the bridge and of the load
 /// tester's devices).
@@ -101,6 +103,7 @@ pub trait FlagEnv: Clone + Send + Sync + 'static {
     const BATCH_SIZE_DEFAULT: &'static str;
     const BATCH_LINGER: &'static str;
     const BATCH_LINGER_DEFAULT: &'static str;
+    const BATCH_LINGER_MODE: &'static str;
     const BATCH_MAX_BYTES: &'static str;
     const BATCH_MAX_BYTES_DEFAULT: &'static str;
     const SHUTDOWN_TIMEOUT: &'static str;
@@ -232,9 +235,15 @@ pub struct BatchArgs<E: FlagEnv> {
     #[arg(long, env = E::BATCH_MAX_BYTES, default_value = E::BATCH_MAX_BYTES_DEFAULT)]
     pub batch_max_bytes: usize,
 
-    /// ... or when its oldest reading is this old, e.g. `20ms`.
+    /// ... or when its oldest reading is this old, e.g. `20ms`: the longest linger.
     #[arg(long, env = E::BATCH_LINGER, default_value = E::BATCH_LINGER_DEFAULT)]
     pub batch_linger: String,
+
+    /// `adaptive`: the linger grows with how busy the sink is, from nearly 0 when
+    /// idle (a reading is written at once) up to --batch-linger under load (bigger
+    /// batches). `fixed`: always --batch-linger.
+    #[arg(long, env = E::BATCH_LINGER_MODE, value_enum, default_value_t = LingerMode::Adaptive)]
+    pub batch_linger_mode: LingerMode,
 
     #[arg(skip)]
     _env: PhantomData<E>,
@@ -246,6 +255,7 @@ pub struct Batching {
     pub size: usize,
     pub max_bytes: usize,
     pub linger: Duration,
+    pub linger_mode: LingerMode,
 }
 
 impl<E: FlagEnv> BatchArgs<E> {
@@ -274,6 +284,7 @@ impl<E: FlagEnv> BatchArgs<E> {
             size: self.batch_size,
             max_bytes: self.batch_max_bytes,
             linger,
+            linger_mode: self.batch_linger_mode,
         })
     }
 }
@@ -311,6 +322,7 @@ mod tests {
         const BATCH_SIZE_DEFAULT: &'static str = "7";
         const BATCH_LINGER: &'static str = "ARGUS_FLAGS_TEST_BATCH_LINGER";
         const BATCH_LINGER_DEFAULT: &'static str = "9ms";
+        const BATCH_LINGER_MODE: &'static str = "ARGUS_FLAGS_TEST_BATCH_LINGER_MODE";
         const BATCH_MAX_BYTES: &'static str = "ARGUS_FLAGS_TEST_BATCH_MAX_BYTES";
         const BATCH_MAX_BYTES_DEFAULT: &'static str = "1000";
         const SHUTDOWN_TIMEOUT: &'static str = "ARGUS_FLAGS_TEST_SHUTDOWN_TIMEOUT";
@@ -336,7 +348,8 @@ mod tests {
             Batching {
                 size: 7,
                 max_bytes: 1000,
-                linger: Duration::from_millis(9)
+                linger: Duration::from_millis(9),
+                linger_mode: LingerMode::Adaptive,
             }
         );
         // A batch must hold the largest reading; the error names both flags.

@@ -54,6 +54,8 @@ pub const STAGING_FALLBACKS_TOTAL: &str = "argus_sink_staging_fallbacks_total";
 pub const SINK_HEALTHY: &str = "argus_sink_healthy";
 /// Gauge: payload bytes held by the sink (bounded by `queue_max_bytes`).
 pub const SINK_QUEUED_BYTES: &str = "argus_sink_queued_bytes";
+/// The linger the next batch gets (adaptive: less while the sink is not busy).
+pub const SINK_BATCH_LINGER_SECONDS: &str = "argus_sink_batch_linger_seconds";
 /// Counter: batches split in halves, label `cause` = data|timeout.
 pub const BATCH_SPLITS_TOTAL: &str = "argus_sink_batch_splits_total";
 /// Counter: readings that reused a stored message id with other content (dead-lettered
@@ -134,6 +136,10 @@ pub fn describe() {
         "1 while the sink's last flush attempt succeeded."
     );
     describe_gauge!(SINK_QUEUED_BYTES, "Payload bytes held by the sink.");
+    describe_gauge!(
+        SINK_BATCH_LINGER_SECONDS,
+        "The linger the next batch gets (adaptive: shorter while the sink is not busy)."
+    );
     describe_counter!(
         BATCH_SPLITS_TOTAL,
         "Batches split in halves after a data error or a timeout."
@@ -207,6 +213,10 @@ pub fn sink_enqueued(source: Source, n: usize) {
 
 pub fn sink_queued(delta: f64) {
     gauge!(SINK_QUEUED_MESSAGES).increment(delta);
+}
+
+pub fn sink_linger(linger: std::time::Duration) {
+    gauge!(SINK_BATCH_LINGER_SECONDS).set(linger.as_secs_f64());
 }
 
 pub fn sink_queued_bytes(delta: f64) {

@@ -73,6 +73,7 @@ fn config() -> SinkConfig {
         batch_size: 50,
         batch_max_bytes: 1024 * 1024,
         batch_linger: Duration::from_millis(10),
+        linger_mode: Default::default(),
         queue_capacity: 1000,
         queue_max_bytes: 16 * 1024 * 1024,
         retry_initial: Duration::from_millis(50),

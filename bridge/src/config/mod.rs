@@ -33,6 +33,7 @@ impl FlagEnv for BridgeEnv {
     const BATCH_SIZE_DEFAULT: &'static str = "500";
     const BATCH_LINGER: &'static str = "ARGUS_BRIDGE_BATCH_LINGER";
     const BATCH_LINGER_DEFAULT: &'static str = "20ms";
+    const BATCH_LINGER_MODE: &'static str = "ARGUS_BRIDGE_BATCH_LINGER_MODE";
     const BATCH_MAX_BYTES: &'static str = "ARGUS_BRIDGE_BATCH_MAX_BYTES";
     const BATCH_MAX_BYTES_DEFAULT: &'static str = "8388608";
     const SHUTDOWN_TIMEOUT: &'static str = "ARGUS_BRIDGE_SHUTDOWN_TIMEOUT";
@@ -204,6 +205,7 @@ pub struct Config {
     pub redis_url: Option<String>,
     pub batch_size: usize,
     pub batch_linger: Duration,
+    pub batch_linger_mode: argus_pipeline::sink::LingerMode,
     pub batch_max_bytes: usize,
     pub max_payload_bytes: usize,
     /// Bounds of an MQTT 5 message's properties.
@@ -352,6 +354,7 @@ impl Cli {
             redis_url: self.redis.url(),
             batch_size: batching.size,
             batch_linger: batching.linger,
+            batch_linger_mode: batching.linger_mode,
             batch_max_bytes: batching.max_bytes,
             max_payload_bytes: limits.max_payload_bytes,
             property_limits,

@@ -80,6 +80,7 @@ pub fn config(db_url: &str, nats: &NatsServer, redis_url: &str, limits: Limits) 
         limits,
         batch_size: 100,
         batch_linger: Duration::from_millis(2),
+        batch_linger_mode: Default::default(),
         batch_max_bytes: 8 * 1024 * 1024,
         shutdown_timeout: Duration::from_secs(5),
         log_json: false,

@@ -9,6 +9,14 @@
 //! past `max_bytes` starts the next batch instead (a unit larger than `max_bytes`
 //! is a batch by itself), so a batch of large payloads stays within what one
 //! Postgres attempt can write before its timeout.
+//!
+//! The linger adapts to the load ([`LingerMode::Adaptive`], the default): it is
+//! `max × ρ²`, where ρ is the share of recent time the caller spent with the
+//! batches it was given (storing them) rather than waiting in
+//! [`Batcher::next_batch`]. Light traffic leaves the sink mostly idle, so a
+//! reading is written almost at once; under load ρ nears 1 and batches linger up
+//! to `max`, so per-batch costs are spread over more readings. The time spent
+//! lingering counts as idle, which keeps the two in balance.
 
 use std::time::Duration;
 
@@ -26,12 +34,50 @@ pub trait Batchable {
     fn enqueued_at(&self) -> Instant;
 }
 
+/// How a batch's linger is chosen (`--batch-linger-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LingerMode {
+    /// From nearly 0 when the sink is idle up to `--batch-linger` when it is busy.
+    #[default]
+    Adaptive,
+    /// Always `--batch-linger`.
+    Fixed,
+}
+
+/// How quickly the load estimate follows a change: the weight of the past halves
+/// in about `LOAD_TIME_CONSTANT × ln 2`.
+const LOAD_TIME_CONSTANT: Duration = Duration::from_millis(250);
+
+/// The share of recent time the caller was busy with its batches, an
+/// exponentially weighted moving average over time.
+#[derive(Debug, Default)]
+struct Load {
+    busy_share: f64,
+    /// When the last batch was handed out.
+    returned_at: Option<Instant>,
+}
+
+impl Load {
+    /// One cycle: `busy` with the last batch, then `idle` waiting for the next.
+    fn observe(&mut self, busy: Duration, idle: Duration) {
+        let period = (busy + idle).as_secs_f64();
+        if period <= 0.0 {
+            return;
+        }
+        let weight = 1.0 - (-period / LOAD_TIME_CONSTANT.as_secs_f64()).exp();
+        self.busy_share += weight * (busy.as_secs_f64() / period - self.busy_share);
+    }
+}
+
 /// Cuts batches from a bounded queue.
 pub struct Batcher<T> {
     rx: mpsc::Receiver<T>,
     size: usize,
     max_bytes: usize,
+    /// The longest linger (`--batch-linger`).
     linger: Duration,
+    mode: LingerMode,
+    load: Load,
     /// A unit that did not fit the last batch's bytes: the next batch starts with it.
     carry: Option<T>,
     /// Cancelled by `SinkHandle::close`: stop taking new units, drain the queue.
@@ -45,6 +91,7 @@ impl<T: Batchable> Batcher<T> {
         size: usize,
         max_bytes: usize,
         linger: Duration,
+        mode: LingerMode,
         close: CancellationToken,
     ) -> Self {
         Batcher {
@@ -52,15 +99,38 @@ impl<T: Batchable> Batcher<T> {
             size: size.max(1),
             max_bytes: max_bytes.max(1),
             linger,
+            mode,
+            load: Load::default(),
             carry: None,
             close,
             closing: false,
         }
     }
 
+    /// The linger the next batch gets.
+    pub fn linger(&self) -> Duration {
+        match self.mode {
+            LingerMode::Fixed => self.linger,
+            LingerMode::Adaptive => self.linger.mul_f64(self.load.busy_share.powi(2)),
+        }
+    }
+
     /// The next batch, or `None` once the queue is closed (all senders dropped,
     /// or `close` cancelled) and drained.
     pub async fn next_batch(&mut self) -> Option<Vec<T>> {
+        let entered = Instant::now();
+        let busy = self
+            .load
+            .returned_at
+            .map_or(Duration::ZERO, |at| entered - at);
+        let batch = self.cut(self.linger()).await;
+        let now = Instant::now();
+        self.load.observe(busy, now - entered);
+        self.load.returned_at = Some(now);
+        batch
+    }
+
+    async fn cut(&mut self, linger: Duration) -> Option<Vec<T>> {
         let mut batch: Vec<T> = Vec::new();
         let (mut weight, mut bytes) = (0usize, 0usize);
         let mut deadline: Option<Instant> = None;
@@ -72,7 +142,7 @@ impl<T: Batchable> Batcher<T> {
                     return Some(batch);
                 }
                 if deadline.is_none() {
-                    deadline = Some(item.enqueued_at() + self.linger);
+                    deadline = Some(item.enqueued_at() + linger);
                 }
                 weight += item.weight();
                 bytes += item.bytes();
@@ -128,7 +198,14 @@ mod tests {
         let close = CancellationToken::new();
         (
             tx,
-            Batcher::new(rx, 3, 10_000, Duration::from_millis(20), close.clone()),
+            Batcher::new(
+                rx,
+                3,
+                10_000,
+                Duration::from_millis(20),
+                LingerMode::Fixed,
+                close.clone(),
+            ),
             close,
         )
     }
@@ -208,6 +285,7 @@ mod tests {
             100,
             450,
             Duration::from_millis(20),
+            LingerMode::Fixed,
             CancellationToken::new(),
         );
         let start = Instant::now();
@@ -222,6 +300,104 @@ mod tests {
         // Larger than max_bytes on its own: a batch by itself.
         assert_eq!(weights(b.next_batch().await.unwrap()), vec![9]);
         assert_eq!(weights(b.next_batch().await.unwrap()), vec![1]);
+    }
+
+    fn adaptive(cap: usize) -> (mpsc::Sender<Item>, Batcher<Item>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let b = Batcher::new(
+            rx,
+            1_000,
+            1_000_000,
+            Duration::from_millis(20),
+            LingerMode::Adaptive,
+            CancellationToken::new(),
+        );
+        (tx, b)
+    }
+
+    /// Sends one reading every `every` until `n` are sent, then keeps the queue open.
+    fn steady(tx: mpsc::Sender<Item>, n: usize, every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            for _ in 0..n {
+                tx.send(Item(1, Instant::now())).await.unwrap();
+                tokio::time::sleep(every).await;
+            }
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        })
+    }
+
+    /// Takes `n` readings in batches, spending `busy` with each batch (the store),
+    /// and returns the longest wait of a reading, from enqueue to its batch.
+    async fn drain(b: &mut Batcher<Item>, n: usize, busy: Duration) -> Duration {
+        let (mut seen, mut longest) = (0, Duration::ZERO);
+        while seen < n {
+            let batch = b.next_batch().await.unwrap();
+            let now = Instant::now();
+            seen += batch.len();
+            longest = batch.iter().map(|i| now - i.1).fold(longest, Duration::max);
+            tokio::time::sleep(busy).await;
+        }
+        longest
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_sink_writes_a_lone_reading_at_once() {
+        let (tx, mut b) = adaptive(10);
+        assert_eq!(b.linger(), Duration::ZERO);
+        let start = Instant::now();
+        tx.send(Item(1, Instant::now())).await.unwrap();
+        assert_eq!(b.next_batch().await.unwrap().len(), 1);
+        assert_eq!(Instant::now(), start, "nothing to wait for: no linger");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_linger_grows_with_the_load_and_falls_back() {
+        let (tx, mut b) = adaptive(10_000);
+        // Busy: a reading every 1 ms, and each batch takes 20 ms to store.
+        let sender = steady(tx.clone(), 2_000, Duration::from_millis(1));
+        drain(&mut b, 2_000, Duration::from_millis(20)).await;
+        let busy = b.linger();
+        assert!(
+            busy > Duration::from_millis(18) && busy <= Duration::from_millis(20),
+            "under load the linger nears --batch-linger: {busy:?}"
+        );
+        sender.abort();
+        // What the busy phase left queued, then light traffic: a reading every 100 ms,
+        // stored in 1 ms.
+        while !b.rx.is_empty() {
+            b.next_batch().await.unwrap();
+        }
+        let sender = steady(tx, 40, Duration::from_millis(100));
+        drain(&mut b, 10, Duration::from_millis(1)).await;
+        let longest = drain(&mut b, 20, Duration::from_millis(1)).await;
+        let light = b.linger();
+        assert!(light < Duration::from_millis(1), "light traffic: {light:?}");
+        // tokio's timers tick in whole milliseconds.
+        assert!(
+            longest <= Duration::from_millis(1),
+            "a lone reading is written at once: {longest:?}"
+        );
+        sender.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_a_moderate_load_readings_wait_less_than_the_fixed_linger() {
+        // A reading every 1 ms, each batch stored in 5 ms: the fixed linger makes
+        // the first reading of a batch wait the whole 20 ms.
+        let (tx, mut b) = adaptive(10_000);
+        let sender = steady(tx, 5_000, Duration::from_millis(1));
+        drain(&mut b, 1_000, Duration::from_millis(5)).await;
+        let longest = drain(&mut b, 2_000, Duration::from_millis(5)).await;
+        let linger = b.linger();
+        assert!(
+            linger > Duration::ZERO && linger < Duration::from_millis(10),
+            "between idle and busy: {linger:?}"
+        );
+        assert!(
+            longest < Duration::from_millis(15),
+            "the longest wait, settled: {longest:?}"
+        );
+        sender.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,6 +21,7 @@ use super::publish::publish_batch;
 use super::store::{store_batch, Stored};
 use super::unit::{Health, SinkConfig, Unit};
 use crate::dlq::DlqPublisher;
+use crate::metrics;
 
 pub(super) async fn run(
     config: SinkConfig,
@@ -34,6 +35,7 @@ pub(super) async fn run(
     let (tx, mut rx) = mpsc::channel::<Stored>(1);
     let store = async {
         while let Some(units) = batcher.next_batch().await {
+            metrics::sink_linger(batcher.linger());
             let stored = store_batch(&config, &pg, &health, units).await;
             if tx.send(stored).await.is_err() {
                 break;

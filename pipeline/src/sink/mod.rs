@@ -69,7 +69,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use batcher::{Batchable, Batcher};
+pub use batcher::{Batchable, Batcher, LingerMode};
 pub use store::FlushError;
 pub use unit::{Delivered, IdConflict, SinkConfig};
 use unit::{Health, Unit};
@@ -181,6 +181,7 @@ impl Sink {
             config.batch_size,
             config.batch_max_bytes,
             config.batch_linger,
+            config.linger_mode,
             close,
         );
         let dlq = DlqPublisher::new(js.clone()).with_timeout(config.publish_timeout);

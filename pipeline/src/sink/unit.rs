@@ -10,7 +10,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::batcher::Batchable;
+use super::batcher::{Batchable, LingerMode};
 use crate::metrics;
 use crate::reading::Reading;
 
@@ -23,8 +23,11 @@ pub struct SinkConfig {
     /// it is a batch by itself. Default 8 MiB, so one batch is written well within
     /// `pg_timeout` (a statement timeout splits a batch anyway).
     pub batch_max_bytes: usize,
-    /// Flush when the oldest pending reading has waited this long. Default 20 ms.
+    /// Flush when the oldest pending reading has waited this long: at most this,
+    /// and with [`LingerMode::Adaptive`] less while the sink is not busy. Default 20 ms.
     pub batch_linger: Duration,
+    /// Adaptive (the default) or fixed linger.
+    pub linger_mode: LingerMode,
     /// Readings the sink may hold (queued + batching + flushing) before
     /// `enqueue` waits and `try_enqueue` returns `Full`. Default 10 000.
     /// Size it from the broker inflight window × connections.
@@ -48,6 +51,7 @@ impl Default for SinkConfig {
             batch_size: 500,
             batch_max_bytes: 8 * 1024 * 1024,
             batch_linger: Duration::from_millis(20),
+            linger_mode: LingerMode::Adaptive,
             queue_capacity: 10_000,
             queue_max_bytes: 64 * 1024 * 1024,
             retry_initial: Duration::from_millis(100),
