@@ -39,19 +39,26 @@ fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-// Two worker threads: `curl` blocks this test's thread while the server answers it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_with_the_ca_reaches_the_tls_listener_and_plain_http_fails() {
+/// The servers, a PKI made now (its `ca.crt` for clients), and the sidecar with
+/// `limits` serving its device listener over TLS.
+async fn tls_app(limits: Limits) -> (Stack, tempfile::TempDir, App) {
     let s = Stack::start().await;
     let pki = tempfile::tempdir().unwrap();
     argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
     let reloader =
         CertReloader::load(pki.path().join("server.crt"), pki.path().join("server.key")).unwrap();
-    let mut app = App::start_tls(
-        config(s.db.url(), &s.nats, &s.redis.url(), test_limits()),
+    let app = App::start_tls(
+        config(s.db.url(), &s.nats, &s.redis.url(), limits),
         &reloader,
     )
     .await;
+    (s, pki, app)
+}
+
+// Two worker threads: `curl` blocks this test's thread while the server answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_with_the_ca_reaches_the_tls_listener_and_plain_http_fails() {
+    let (s, pki, mut app) = tls_app(test_limits()).await;
     assert!(app.base.starts_with("https://127.0.0.1:"), "{}", app.base);
     let ca = pki.path().join("ca.crt");
     let (_, key) = create_key(&s.http, &app, DEVICE).await;
@@ -159,19 +166,10 @@ async fn on_one_connection(addr: &str, ca: &Path, requests: &[Vec<u8>]) -> Vec<S
 // (Python's requests, schemathesis) lost every other request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_with_a_large_body_leaves_its_connection_usable() {
-    let s = Stack::start().await;
-    let pki = tempfile::tempdir().unwrap();
-    argus_pki::Ca::init(pki.path(), &[]).expect("pki init");
-    let reloader =
-        CertReloader::load(pki.path().join("server.crt"), pki.path().join("server.key")).unwrap();
-    let limits = Limits {
+    let (_s, pki, mut app) = tls_app(Limits {
         body_limit: 1024 * 1024,
         ..test_limits()
-    };
-    let mut app = App::start_tls(
-        config(s.db.url(), &s.nats, &s.redis.url(), limits),
-        &reloader,
-    )
+    })
     .await;
     let ca = pki.path().join("ca.crt");
     let addr = app.base.trim_start_matches("https://").to_owned();
