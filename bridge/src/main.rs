@@ -7,6 +7,11 @@ use argus_bridge::app;
 use argus_bridge::config::{Cli, LogFormat};
 use argus_pipeline::process;
 
+/// mimalloc: fewer instructions per allocation than glibc's malloc, and the bridge
+/// allocates per message (docs/benchmarks.md, "Instructions per message").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = match Cli::parse().into_config() {

@@ -8,6 +8,7 @@
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
+use argus_pipeline::metrics::cached;
 use argus_pipeline::reject::DlqReason;
 
 /// Counter: MQTT publishes received from the broker (before any check).
@@ -137,7 +138,7 @@ pub fn describe() {
 // ---- recording helpers -------------------------------------------------------
 
 pub fn received() {
-    counter!(RECEIVED_TOTAL).increment(1);
+    cached!(Counter, counter!(RECEIVED_TOTAL)).increment(1);
 }
 
 pub fn rejected(reason: DlqReason) {
@@ -146,8 +147,8 @@ pub fn rejected(reason: DlqReason) {
 
 /// A PUBACK went out, `lag` after the message arrived.
 pub fn acked(lag: std::time::Duration) {
-    counter!(ACKS_TOTAL).increment(1);
-    histogram!(ACK_LAG_SECONDS).record(lag.as_secs_f64());
+    cached!(Counter, counter!(ACKS_TOTAL)).increment(1);
+    cached!(Histogram, histogram!(ACK_LAG_SECONDS)).record(lag.as_secs_f64());
 }
 
 pub fn stale_ack() {
@@ -192,7 +193,7 @@ pub fn reconnected() {
 
 /// `delta` messages entered (positive) or left (negative) the in-flight set.
 pub fn in_flight(delta: f64) {
-    gauge!(IN_FLIGHT_MESSAGES).increment(delta);
+    cached!(Gauge, gauge!(IN_FLIGHT_MESSAGES)).increment(delta);
 }
 
 pub fn mqtt_connected(connection: u16, up: bool) {

@@ -18,7 +18,6 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use rand::TryRngCore as _;
-use sha2::{Digest as _, Sha256};
 
 /// Literal start of every key.
 pub const KEY_SCHEME: &str = "argus_";
@@ -79,7 +78,7 @@ impl std::fmt::Debug for ApiKey {
 
 /// SHA-256 of a key string.
 pub fn digest(key: &str) -> KeyDigest {
-    Sha256::digest(key.as_bytes()).into()
+    argus_pipeline::digest::sha256(key.as_bytes())
 }
 
 /// Checks the shape of a presented key (`argus_<8 lowercase hex>_<43 base64url>`)

@@ -8,6 +8,10 @@ use argus_ingest_http::tls::{CertReloader, TlsListener};
 use argus_ingest_http::{serve, AppState, Cli, DeviceListener, Listeners};
 use argus_pipeline::process;
 
+/// mimalloc, as the bridge (bridge/src/main.rs): the pipeline allocates per reading.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Cli::parse().into_config()?;

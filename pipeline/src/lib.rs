@@ -5,6 +5,7 @@
 //! - [`reading`]: topic and payload checks; turns an accepted message into a [`reading::Reading`].
 //! - [`properties`]: MQTT 5 publish properties: bounds, chunk fields, their JSON for both stores.
 //! - [`reject`]: why a message is refused: [`reject::DlqReason`] and [`reject::Reject`].
+//! - [`digest`]: SHA-256 (ring's assembly), for ids and content digests.
 //! - [`message_id`]: the deterministic message id (dedup key in Postgres and JetStream).
 //! - [`registry`]: device and API-key look-ups (memory -> Redis -> Postgres) with invalidation.
 //! - [`sink`]: batching, `COPY` into `telemetry_raw`, pipelined JetStream publishes.
@@ -23,6 +24,7 @@
 //! they are acknowledged, and its binary.
 
 pub mod backoff;
+pub mod digest;
 pub mod dlq;
 pub mod envelope;
 pub mod flags;

@@ -23,7 +23,7 @@
 //! Note: the id is random-looking, not time-ordered; `docs/pipeline.md`
 //! discusses what that costs the primary-key index.
 
-use sha2::{Digest, Sha256};
+use crate::digest;
 use uuid::Uuid;
 
 /// Derives the message id. `supplied` is the device's own id (payload
@@ -33,7 +33,7 @@ use uuid::Uuid;
 /// [`crate::reading::canonical_topic`] (`devices/<id>/telemetry`), so the same
 /// payload gets the same id over MQTT and HTTP.
 pub fn derive(device_id: Uuid, topic: &str, payload: &[u8], supplied: Option<&str>) -> Uuid {
-    let mut h = Sha256::new();
+    let mut h = digest::sha256_context();
     h.update(device_id.as_bytes());
     match supplied {
         Some(id) => {
@@ -44,12 +44,12 @@ pub fn derive(device_id: Uuid, topic: &str, payload: &[u8], supplied: Option<&st
             h.update(b"raw\0");
             // MQTT topics are at most 65535 bytes, so u32 never truncates; the
             // length prefix keeps (topic, payload) boundaries unambiguous.
-            h.update((topic.len() as u32).to_be_bytes());
+            h.update(&(topic.len() as u32).to_be_bytes());
             h.update(topic.as_bytes());
             h.update(payload);
         }
     }
-    let digest = h.finalize();
+    let digest = digest::finish(h);
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()

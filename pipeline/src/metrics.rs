@@ -195,6 +195,25 @@ fn register_zeroes() {
 
 // ---- recording helpers -------------------------------------------------------
 
+/// A metric handle resolved once per call site: `cached!(Counter, counter!(NAME))`.
+///
+/// `counter!` and friends build their key and look it up in the recorder's registry on
+/// every call; the handle records with one atomic operation. A series recorded once or
+/// more per message goes through here (`docs/benchmarks.md`, "Instructions per
+/// message"). The process's recorder is installed first ([`prometheus_handle`]), so no
+/// handle is ever bound to the no-op recorder. Labels must be fixed at the call site.
+#[macro_export]
+macro_rules! cached {
+    ($ty:ident, $make:expr) => {{
+        static HANDLE: ::std::sync::OnceLock<::metrics::$ty> = ::std::sync::OnceLock::new();
+        HANDLE.get_or_init(|| {
+            let _ = $crate::metrics::prometheus_handle();
+            $make
+        })
+    }};
+}
+pub use cached;
+
 pub fn dead_lettered(reason: DlqReason) {
     counter!(DEAD_LETTERED_TOTAL, "reason" => reason.as_str()).increment(1);
 }
@@ -208,19 +227,23 @@ pub fn dlq_unwritable(reason: DlqReason) {
 }
 
 pub fn sink_enqueued(source: Source, n: usize) {
-    counter!(SINK_ENQUEUED_TOTAL, "source" => source.as_str()).increment(n as u64);
+    let c = match source {
+        Source::Mqtt => cached!(Counter, counter!(SINK_ENQUEUED_TOTAL, "source" => "mqtt")),
+        Source::Http => cached!(Counter, counter!(SINK_ENQUEUED_TOTAL, "source" => "http")),
+    };
+    c.increment(n as u64);
 }
 
 pub fn sink_queued(delta: f64) {
-    gauge!(SINK_QUEUED_MESSAGES).increment(delta);
+    cached!(Gauge, gauge!(SINK_QUEUED_MESSAGES)).increment(delta);
 }
 
 pub fn sink_linger(linger: std::time::Duration) {
-    gauge!(SINK_BATCH_LINGER_SECONDS).set(linger.as_secs_f64());
+    cached!(Gauge, gauge!(SINK_BATCH_LINGER_SECONDS)).set(linger.as_secs_f64());
 }
 
 pub fn sink_queued_bytes(delta: f64) {
-    gauge!(SINK_QUEUED_BYTES).increment(delta);
+    cached!(Gauge, gauge!(SINK_QUEUED_BYTES)).increment(delta);
 }
 
 /// `cause` is `data` or `timeout`.
@@ -229,36 +252,47 @@ pub fn batch_split(cause: &'static str) {
 }
 
 pub fn id_conflicts(n: usize) {
-    counter!(ID_CONFLICTS_TOTAL).increment(n as u64);
+    cached!(Counter, counter!(ID_CONFLICTS_TOTAL)).increment(n as u64);
 }
 
 pub fn persisted(n: usize) {
-    counter!(PERSISTED_TOTAL).increment(n as u64);
+    cached!(Counter, counter!(PERSISTED_TOTAL)).increment(n as u64);
 }
 
 pub fn published(n: usize) {
-    counter!(PUBLISHED_TOTAL).increment(n as u64);
+    cached!(Counter, counter!(PUBLISHED_TOTAL)).increment(n as u64);
 }
 
 pub fn duplicates_skipped(n: usize) {
-    counter!(DUPLICATES_SKIPPED_TOTAL).increment(n as u64);
+    cached!(Counter, counter!(DUPLICATES_SKIPPED_TOTAL)).increment(n as u64);
 }
 
 pub fn publish_duplicates(n: usize) {
-    counter!(PUBLISH_DUPLICATES_TOTAL).increment(n as u64);
+    cached!(Counter, counter!(PUBLISH_DUPLICATES_TOTAL)).increment(n as u64);
 }
 
 pub fn batch_size(n: usize) {
-    histogram!(BATCH_SIZE_MESSAGES).record(n as f64);
+    cached!(Histogram, histogram!(BATCH_SIZE_MESSAGES)).record(n as f64);
 }
 
 /// `stage` is one of `postgres`, `jetstream`.
 pub fn flush_duration(stage: &'static str, d: Duration) {
-    histogram!(FLUSH_DURATION_SECONDS, "stage" => stage).record(d.as_secs_f64());
+    let h = match stage {
+        "postgres" => cached!(
+            Histogram,
+            histogram!(FLUSH_DURATION_SECONDS, "stage" => "postgres")
+        ),
+        "jetstream" => cached!(
+            Histogram,
+            histogram!(FLUSH_DURATION_SECONDS, "stage" => "jetstream")
+        ),
+        _ => &histogram!(FLUSH_DURATION_SECONDS, "stage" => stage),
+    };
+    h.record(d.as_secs_f64());
 }
 
 pub fn durable_lag(d: Duration) {
-    histogram!(DURABLE_LAG_SECONDS).record(d.as_secs_f64());
+    cached!(Histogram, histogram!(DURABLE_LAG_SECONDS)).record(d.as_secs_f64());
 }
 
 /// `stage` is one of `postgres`, `jetstream`, `dlq`.

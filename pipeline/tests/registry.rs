@@ -8,7 +8,6 @@ use argus_pipeline::registry::{
 };
 use argus_testkit::pg::TestDb;
 use argus_testkit::redis::RedisServer;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 struct Fixture {
@@ -185,7 +184,7 @@ async fn api_key_and_device_profile() {
     let reg = f.registry(&redis);
     let id = f.add_device("active").await;
     let key = format!("argus_{}", Uuid::new_v4().simple());
-    let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    let digest = argus_pipeline::digest::sha256(key.as_bytes());
     let key_id: Uuid = f
         .db
         .client()

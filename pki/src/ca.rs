@@ -9,7 +9,7 @@ use rcgen::{
     KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData, RevokedCertParams, SerialNumber,
     PKCS_ECDSA_P256_SHA256,
 };
-use sha2::{Digest, Sha256};
+use ring::digest::{digest, SHA256};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -306,7 +306,7 @@ fn csr_public_key(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, PkiError
 }
 
 fn fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
+    hex::encode(digest(&SHA256, der))
 }
 
 impl Ca {
@@ -473,7 +473,9 @@ impl Ca {
                     }
                     _ => None,
                 })
-                .unwrap_or_else(|| Sha256::digest(key.subject_public_key_info())[..20].to_vec())
+                .unwrap_or_else(|| {
+                    digest(&SHA256, &key.subject_public_key_info()).as_ref()[..20].to_vec()
+                })
         };
         let issuer = Issuer::from_ca_cert_der(&der.into(), key)?;
         Ok(Ca {

@@ -19,7 +19,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
+use ring::digest::{digest, SHA256};
 use tokio_postgres::Client;
 
 use crate::{connect, pg_error_text, ConnectError};
@@ -36,7 +36,7 @@ pub struct Migration {
 impl Migration {
     /// SHA-256 of the up file, lowercase hex: what `schema_migrations.checksum` holds.
     pub fn checksum(&self) -> String {
-        hex::encode(Sha256::digest(self.up.as_bytes()))
+        hex::encode(digest(&SHA256, self.up.as_bytes()))
     }
 
     /// `0002_iot_foundation`: the file stem, how messages name a migration.

@@ -3,7 +3,6 @@
 
 use argus_pipeline::dlq::{DlqReason, StoredLetter};
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use argus_schema::streams::DLQ_SUBJECTS;
@@ -61,7 +60,7 @@ impl Filter {
     /// filters, so running the same command again resumes it, and a replay
     /// with other filters has its own.
     pub fn durable_name(&self) -> String {
-        let digest = Sha256::digest(self.describe().as_bytes());
+        let digest = argus_pipeline::digest::sha256(self.describe().as_bytes());
         format!("argus-dlq-replay-{}", &hex::encode(digest)[..12])
     }
 }

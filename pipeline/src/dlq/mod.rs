@@ -44,10 +44,10 @@
 
 use std::time::Duration;
 
+use crate::digest;
 use async_nats::jetstream;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::metrics;
@@ -107,15 +107,15 @@ impl DeadLetter {
     /// The `Nats-Msg-Id` of this letter: hex SHA-256 of (reason, topic, payload),
     /// so a redelivered copy is deduplicated by JetStream.
     pub fn dedup_id(&self) -> String {
-        let mut h = Sha256::new();
+        let mut h = digest::sha256_context();
         h.update(b"argus-dlq\0");
         h.update(self.reason.as_str().as_bytes());
-        h.update([0]);
+        h.update(&[0]);
         let topic = self.topic.as_deref().unwrap_or("");
-        h.update((topic.len() as u64).to_be_bytes());
+        h.update(&(topic.len() as u64).to_be_bytes());
         h.update(topic.as_bytes());
         h.update(&self.payload);
-        hex::encode(h.finalize())
+        hex::encode(digest::finish(h))
     }
 }
 

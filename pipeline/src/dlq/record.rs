@@ -3,11 +3,11 @@
 //! docs), [`StoredLetter::decode`] reads it back for the replay tool
 //! (`argus-dlq`, in the bridge crate).
 
+use crate::digest::sha256;
 use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::{DeadLetter, DlqReason};
@@ -110,7 +110,7 @@ impl DeadLetter {
             payload_base64: b64,
             payload_truncated: truncated,
             payload_bytes: truncated.then_some(self.payload.len()),
-            payload_sha256: truncated.then(|| hex::encode(Sha256::digest(&self.payload))),
+            payload_sha256: truncated.then(|| hex::encode(sha256(&self.payload))),
         };
         // Serializing a struct of strings and UUIDs into a Vec cannot fail.
         serde_json::to_vec(&record).unwrap_or_default()
@@ -262,7 +262,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
         assert_eq!(v["payloadTruncated"], true);
         assert_eq!(v["payloadBytes"], 180_000);
-        assert_eq!(v["payloadSha256"], hex::encode(Sha256::digest(&payload)));
+        assert_eq!(v["payloadSha256"], hex::encode(sha256(&payload)));
         let kept = v["payload"].as_str().unwrap().as_bytes();
         assert!(
             kept.len() > 100_000,
@@ -361,7 +361,7 @@ mod tests {
         let back = StoredLetter::decode(&l.encode_within(2_000)).unwrap();
         let t = back.truncated.expect("marked truncated");
         assert_eq!(t.payload_bytes, 10_000);
-        assert_eq!(t.payload_sha256, hex::encode(Sha256::digest(&l.payload)));
+        assert_eq!(t.payload_sha256, hex::encode(sha256(&l.payload)));
         assert!(back.letter.payload.len() < 10_000);
     }
 

@@ -37,7 +37,6 @@ mod fields;
 
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound, Utc};
-use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 pub use fields::{storable_json, Fields, MAX_ID_FIELD_BYTES};
@@ -192,7 +191,7 @@ impl Reading {
     /// digest is one reading delivered again; one id with two digests is an id
     /// conflict (the sink dead-letters the newcomer as `id_conflict`).
     pub fn content_sha256(&self) -> [u8; 32] {
-        Sha256::digest(&self.payload).into()
+        crate::digest::sha256(&self.payload)
     }
 }
 
